@@ -1,0 +1,152 @@
+"""The `studio` command line.
+
+Each sub-command is a thin layer over a public function: it parses flags,
+calls the function, prints the result. A `StudioError` (bad input) is printed
+as one line on stderr with exit status 2, never as a traceback.
+
+Example:
+    $ studio sample "a red striped circle" --seed 0 1 2 --output-dir outputs/red
+    $ studio toy report --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from studio.errors import StudioError
+from studio.pipeline import SCHEDULERS, TOY_MODEL
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The flags every command that loads a base model shares."""
+    parser.add_argument("--model", default=TOY_MODEL, help="'toy' (default), a diffusers folder, a .safetensors/.ckpt file, or a hub id")
+    parser.add_argument("--config", default=None, help="diffusers folder giving the architecture of a single-file --model")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    parser.add_argument("--xformers", action="store_true", help="use xformers attention (CUDA only)")
+
+
+def load_model(args: argparse.Namespace):
+    from studio.pipeline import load
+
+    return load(args.model, device=args.device, dtype=args.dtype, xformers=args.xformers, config=args.config)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from studio.sample import read_prompts_file, sample
+
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        prompts += read_prompts_file(args.prompts_file)
+    if not prompts:
+        raise StudioError("no prompt given: pass at least one prompt, or --prompts-file with one prompt per line")
+    output_dir = Path(args.output_dir or Path("outputs") / "samples" / time.strftime("%Y%m%d-%H%M%S"))
+    pipe = load_model(args)
+    result = sample(
+        pipe,
+        prompts,
+        seeds=args.seed,
+        output_dir=output_dir,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        scheduler=args.scheduler,
+        width=args.width,
+        height=args.height,
+        batch_size=args.batch_size,
+    )
+    print(f"wrote {len(result.files)} images, grid.png and settings.json to {result.output_dir} in {result.seconds:.1f}s")
+    return 0
+
+
+def cmd_toy_pretrain(args: argparse.Namespace) -> int:
+    from studio.toy.pretrain import PretrainConfig, pretrain
+
+    config = PretrainConfig(seed=args.seed)
+    if args.unet_steps is not None:
+        config.unet_steps = args.unet_steps
+    timings = pretrain(args.output_model, args.output_evaluator, args.work_dir, config, restart=args.restart)
+    print(json.dumps({"seconds": timings}))
+    return 0
+
+
+def cmd_toy_report(args: argparse.Namespace) -> int:
+    from studio.toy.report import report
+
+    pipe = load_model(args)
+    result = report(
+        pipe, n_images=args.images, n_heldout=args.heldout_images, steps=args.steps,
+        guidance_scale=args.guidance_scale, seed=args.seed, progress=not args.json,
+    )
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>20}  {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="studio", description="Diffusion Studio: customize and edit diffusion models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("sample", help="generate images from prompts")
+    p.add_argument("prompts", nargs="*", help="one or more prompts")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds; each prompt is drawn once per seed")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--scheduler", default=None, help=f"one of: {', '.join(SCHEDULERS)} (default: the model's own)")
+    p.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the model's training size)")
+    p.add_argument("--height", type=int, default=None, help="multiple of 8 (default: the model's training size)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--output-dir", default=None, help="default outputs/samples/<time>")
+    add_model_args(p)
+    p.set_defaults(func=cmd_sample)
+
+    toy = commands.add_parser("toy", help="the embedded ShapesWorld model").add_subparsers(dest="toy_command", required=True, metavar="TOY_COMMAND")
+    p = toy.add_parser("pretrain", help="rebuild the toy model and evaluator from scratch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--unet-steps", type=int, default=None, help="override the UNet step count (fewer = faster, worse)")
+    p.add_argument("--work-dir", default=".cache/toy-pretrain", help="stage outputs; finished stages are reused")
+    p.add_argument("--restart", action="store_true", help="discard finished stages in --work-dir")
+    p.add_argument("--output-model", default="assets/toy-model")
+    p.add_argument("--output-evaluator", default="assets/toy-evaluator")
+    p.set_defaults(func=cmd_toy_pretrain)
+
+    p = toy.add_parser("report", help="measure how well a model draws ShapesWorld")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--images", type=int, default=200, help="seen-shape prompts to sample")
+    p.add_argument("--heldout-images", type=int, default=40, help="star/heart prompts to sample")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="also write the JSON to this file")
+    add_model_args(p)
+    p.set_defaults(func=cmd_toy_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `studio` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except StudioError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

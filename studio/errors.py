@@ -1,0 +1,13 @@
+"""The one exception type users see.
+
+Anything that is the user's input being wrong (a missing path, a corrupt file,
+a bad size, an unknown name) raises `StudioError` with a message that names the
+input and says what to do. The CLI prints that message alone, with no traceback.
+
+Example:
+    >>> raise StudioError("width 100 is not a multiple of 8; use e.g. 96 or 104")  # doctest: +SKIP
+"""
+
+
+class StudioError(Exception):
+    """A problem with the user's input, worded for the user."""

@@ -1,0 +1,243 @@
+"""Loading a base model as a stock diffusers pipeline.
+
+`load` takes the embedded toy model (`"toy"`, the default everywhere), a local
+diffusers folder, a single `.safetensors`/`.ckpt` checkpoint, or a hub id, for
+SD1.x, SD2.x and SDXL, and puts it on a device in a dtype. Everything else in
+the studio receives the pipeline this returns.
+
+Example:
+    >>> pipe = load("toy")
+    >>> type(pipe).__name__
+    'StableDiffusionPipeline'
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+from studio.errors import StudioError
+
+TOY_MODEL = "toy"
+
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpm++-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "pndm": ("PNDMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def assets_dir() -> Path:
+    """The shipped `assets/` folder (works for editable and normal installs)."""
+    import studio.assets
+
+    return Path(next(iter(studio.assets.__path__)))
+
+
+def toy_model_path() -> Path:
+    """Where the embedded toy model lives."""
+    return assets_dir() / "toy-model"
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """`None`/"auto" picks cuda, then mps, then cpu.
+
+    Example:
+        >>> pick_device("cpu")
+        device(type='cpu')
+    """
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise StudioError(f"device {device!r} asked for, but no CUDA GPU is available; use --device cpu")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise StudioError("device 'mps' asked for, but this machine has no Apple GPU; use --device cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """`None`/"auto" is fp16 on CUDA and MPS, fp32 on CPU; fp16 on CPU is refused.
+
+    Example:
+        >>> pick_dtype("auto", torch.device("cpu"))
+        torch.float32
+    """
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    if dtype not in DTYPES:
+        raise StudioError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)} or 'auto'")
+    if dtype == "fp16" and device.type == "cpu":
+        raise StudioError("fp16 needs a GPU; on the CPU use --dtype fp32 (or bf16)")
+    if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise StudioError("this GPU does not support bf16; use --dtype fp16")
+    return DTYPES[dtype]
+
+
+def check_safetensors(path: Path) -> dict:
+    """Read and validate a `.safetensors` header without loading tensors; return the header.
+
+    A truncated or corrupt file raises `StudioError` naming it.
+
+    Example:
+        >>> check_safetensors(Path("missing.safetensors"))  # doctest: +SKIP
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise StudioError(f"{path} is not a valid .safetensors file (only {size} bytes); re-download or re-export it")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len <= 0 or 8 + header_len > size:
+            raise StudioError(f"{path} is truncated or corrupt: its header claims {header_len} bytes but the file has {size}")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise StudioError(f"{path} is corrupt: its safetensors header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise StudioError(f"{path} is corrupt: its safetensors header is not a JSON object")
+    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + data_end > size:
+        raise StudioError(
+            f"{path} is truncated: its tensors need {8 + header_len + data_end} bytes but the file has {size}; re-download it"
+        )
+    return header
+
+
+def _is_sdxl_checkpoint(header: dict) -> bool:
+    return any(key.startswith("conditioner.embedders.1") for key in header)
+
+
+def _load_single_file(path: Path, config: str | None, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if path.suffix == ".safetensors":
+        sdxl = _is_sdxl_checkpoint(check_safetensors(path))
+    elif path.suffix == ".ckpt":
+        # Weights only: never unpickle arbitrary objects from a checkpoint.
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # noqa: BLE001 - any failure here means the file is unusable
+            raise StudioError(f"{path} could not be read as a weights-only checkpoint ({err}); convert it to .safetensors") from None
+        sdxl = _is_sdxl_checkpoint(state.get("state_dict", state))
+    else:
+        raise StudioError(f"{path} is a file but not a .safetensors or .ckpt checkpoint")
+    cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    kwargs = {"torch_dtype": dtype}
+    if config:
+        kwargs["config"] = config
+    try:
+        return cls.from_single_file(str(path), **kwargs)
+    except (OSError, ValueError) as err:
+        raise StudioError(
+            f"could not build a pipeline from {path} ({err}). Single-file loading needs the model's diffusers "
+            "config; offline, pass a local diffusers folder of the same architecture with --config"
+        ) from None
+
+
+def load(
+    model: str = TOY_MODEL,
+    device: str | None = None,
+    dtype: str | None = None,
+    xformers: bool = False,
+    config: str | None = None,
+):
+    """Load `model` as a diffusers pipeline on `device` in `dtype`.
+
+    `model` is "toy", a diffusers folder, a `.safetensors`/`.ckpt` file, or a hub id.
+    `config` is a diffusers folder giving the architecture for single-file loads.
+    `xformers=True` turns on xformers attention (CUDA only; SDPA is the default).
+
+    Example:
+        >>> pipe = load("toy", device="cpu")
+        >>> pipe.unet.config.sample_size
+        8
+    """
+    from diffusers import DiffusionPipeline
+
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    path = toy_model_path() if model == TOY_MODEL else Path(model).expanduser()
+    if model == TOY_MODEL and not (path / "model_index.json").is_file():
+        raise StudioError(f"the embedded toy model is missing from {path}; rebuild it with `studio toy pretrain`")
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise StudioError(f"{path} is a folder but not a diffusers pipeline (no model_index.json in it)")
+        for weights in path.glob("*/*.safetensors"):
+            check_safetensors(weights)
+        pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype)
+    elif path.is_file():
+        pipe = _load_single_file(path, config, torch_dtype)
+    elif _looks_like_hub_id(model):
+        pipe = _load_from_hub(model, torch_dtype)
+    else:
+        raise StudioError(
+            f"model {model!r} not found: pass 'toy', a diffusers folder, a .safetensors/.ckpt file, or a hub id (org/name)"
+        )
+    pipe = pipe.to(torch_device)
+    if xformers:
+        enable_xformers(pipe, torch_device)
+    return pipe
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    parts = model.split("/")
+    return len(parts) == 2 and all(parts) and not model.startswith((".", "/", "~"))
+
+
+def _load_from_hub(model_id: str, dtype: torch.dtype):
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.from_pretrained(model_id, torch_dtype=dtype)
+    except Exception as err:  # noqa: BLE001 - hub errors come in many types; all mean the same here
+        raise StudioError(
+            f"could not load hub id {model_id!r} ({type(err).__name__}). If this machine is offline, "
+            "download the model elsewhere and pass its local path (a diffusers folder or a .safetensors file)"
+        ) from None
+
+
+def enable_xformers(pipe, device: torch.device) -> None:
+    """Switch the pipeline's attention to xformers; a clear error where that cannot work."""
+    if device.type != "cuda":
+        raise StudioError("--xformers needs a CUDA GPU; leave it off to use PyTorch SDPA attention")
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        raise StudioError("--xformers asked for but xformers is not installed: pip install 'diffusion-studio[xformers]'") from None
+    pipe.enable_xformers_memory_efficient_attention()
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Replace the pipeline's scheduler by one of `SCHEDULERS`, keeping its noise schedule.
+
+    Example:
+        >>> pipe = load("toy"); set_scheduler(pipe, "ddim"); type(pipe.scheduler).__name__
+        'DDIMScheduler'
+    """
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise StudioError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    class_name, overrides = SCHEDULERS[name]
+    scheduler_cls = getattr(diffusers, class_name)
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **overrides)
+
+
+def default_size(pipe) -> tuple[int, int]:
+    """The (width, height) the pipeline was trained at."""
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return side, side

@@ -1,0 +1,173 @@
+"""Sampling: prompts x seeds through a pipeline, written as PNGs, a grid and the settings.
+
+Example:
+    >>> from studio.pipeline import load
+    >>> result = sample(load("toy"), ["a red circle"], seeds=[0], output_dir="/tmp/samples")
+    >>> sorted(p.name for p in result.output_dir.iterdir())
+    ['0000-seed0.png', 'grid.png', 'settings.json']
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from studio.errors import StudioError
+from studio.pipeline import SCHEDULERS, default_size, set_scheduler
+
+
+@dataclass
+class SampleSettings:
+    """Everything that decides the pixels; written next to them as settings.json."""
+
+    prompts: list[str]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    negative_prompt: str = ""
+    steps: int = 20
+    guidance_scale: float = 5.0
+    scheduler: str | None = None
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        if not self.prompts or any(not isinstance(p, str) for p in self.prompts):
+            raise StudioError("no prompt given: pass at least one prompt, or --prompts-file with one prompt per line")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (value <= 0 or value % 8):
+                raise StudioError(
+                    f"{name} {value} is not a positive multiple of 8; use e.g. {max(8, (value // 8) * 8)} or {max(8, (value // 8 + 1) * 8)}"
+                )
+        if self.steps < 1:
+            raise StudioError(f"steps must be at least 1 (got {self.steps})")
+        if self.batch_size < 1:
+            raise StudioError(f"batch size must be at least 1 (got {self.batch_size})")
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise StudioError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+@dataclass
+class SampleResult:
+    images: list[Image.Image]
+    files: list[Path]
+    output_dir: Path | None
+    seconds: float
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """One prompt per non-empty line; lines starting with # are comments.
+
+    Example:
+        >>> read_prompts_file("prompts.txt")  # doctest: +SKIP
+        ['a red circle', 'a blue square']
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StudioError(f"prompts file {path} not found")
+    prompts = [line.strip() for line in path.read_text().splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise StudioError(f"prompts file {path} has no prompts (one per line)")
+    return prompts
+
+
+def make_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """Tile images (all the same size) into one image, row by row."""
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+def generate(pipe, settings: SampleSettings, progress: bool = True) -> list[Image.Image]:
+    """Run the pipeline for every (prompt, seed) pair, prompt-major, in batches.
+
+    Each image has its own generator seeded with its seed, so an image does not
+    depend on the batch it was drawn in.
+    """
+    settings.validate()
+    if settings.scheduler:
+        set_scheduler(pipe, settings.scheduler)
+    width, height = default_size(pipe)
+    width, height = settings.width or width, settings.height or height
+    jobs = [(prompt, seed) for prompt in settings.prompts for seed in settings.seeds]
+    device = pipe.device if pipe.device.type != "mps" else torch.device("cpu")
+    pipe.set_progress_bar_config(disable=True)
+    images: list[Image.Image] = []
+    bar = tqdm(total=len(jobs), desc="sampling", unit="img", disable=not progress)
+    for start in range(0, len(jobs), settings.batch_size):
+        batch = jobs[start : start + settings.batch_size]
+        generators = [torch.Generator(device=device).manual_seed(seed) for _, seed in batch]
+        out = pipe(
+            prompt=[p for p, _ in batch],
+            negative_prompt=[settings.negative_prompt] * len(batch),
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            width=width,
+            height=height,
+            generator=generators,
+        )
+        images.extend(out.images)
+        bar.update(len(batch))
+    bar.close()
+    return images
+
+
+def sample(
+    pipe,
+    prompts: list[str],
+    seeds: list[int] | None = None,
+    output_dir: str | Path | None = None,
+    progress: bool = True,
+    **settings,
+) -> SampleResult:
+    """Generate images and, if `output_dir` is given, write `NNNN-seedS.png`, `grid.png` and `settings.json`.
+
+    Extra keyword arguments are `SampleSettings` fields (steps, guidance_scale, ...).
+
+    Example:
+        >>> from studio.pipeline import load
+        >>> len(sample(load("toy"), ["a blue square"], seeds=[1, 2]).images)
+        2
+    """
+    config = SampleSettings(prompts=list(prompts), seeds=list(seeds or [0]), **settings)
+    config.validate()
+    start = time.time()
+    images = generate(pipe, config, progress=progress)
+    seconds = time.time() - start
+    files: list[Path] = []
+    folder = None
+    if output_dir is not None:
+        folder = Path(output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        jobs = [(p, s) for p in config.prompts for s in config.seeds]
+        records = []
+        for i, (image, (prompt, seed)) in enumerate(zip(images, jobs)):
+            path = folder / f"{i:04d}-seed{seed}.png"
+            image.save(path)
+            files.append(path)
+            records.append({"file": path.name, "prompt": prompt, "seed": seed})
+        make_grid(images, columns=len(config.seeds) if len(config.prompts) > 1 else None).save(folder / "grid.png")
+        width, height = images[0].size
+        meta = {
+            **asdict(config),
+            "width": width,
+            "height": height,
+            "scheduler": config.scheduler or type(pipe.scheduler).__name__,
+            "model": str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", "")),
+            "images": records,
+            "seconds": round(seconds, 2),
+        }
+        (folder / "settings.json").write_text(json.dumps(meta, indent=2))
+    return SampleResult(images=images, files=files, output_dir=folder, seconds=seconds)

@@ -1,0 +1,600 @@
+"""`studio toy pretrain`: build the embedded toy model and its evaluator from nothing.
+
+Stages, in order, each saved under the work folder so a crash loses at most
+one stage (`--restart` clears it):
+
+1. data       render the training set (seen shapes only) and the evaluator set (all shapes)
+2. tokenizer  byte-level BPE learned on the captions, saved as a `CLIPTokenizer`
+3. clip       mini-CLIP trained contrastively on (image, caption) pairs
+4. vae        a small `AutoencoderKL` (32 px -> 8x8x4 latents)
+5. evaluator  the attribute classifier, on renders of every shape
+6. unet       a `UNet2DConditionModel` on cached latents, 10% caption dropout, EMA
+
+Then the pipeline is assembled in diffusers layout (`assets/toy-model`) and the
+evaluator copied to `assets/toy-evaluator`. Held-out shapes (star, heart) never
+reach stages 2-4 or 6.
+
+Example:
+    >>> from studio.toy.pretrain import PretrainConfig
+    >>> PretrainConfig(unet_steps=100).seed
+    0
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from studio.toy.captions import random_caption
+from studio.toy.evaluator import ATTRIBUTES, ShapesEvaluator
+from studio.toy.render import (
+    BACKGROUNDS,
+    COLORS,
+    HELDOUT_SHAPES,
+    SEEN_SHAPES,
+    SHAPES,
+    SIZES,
+    TEXTURES,
+    POSITIONS,
+    ShapeSpec,
+    random_jitter,
+    random_spec,
+    render,
+    render_scene,
+)
+
+RESOLUTION = 32
+MAX_TOKENS = 32
+TEXT_DIM = 128
+
+
+@dataclass
+class PretrainConfig:
+    """Every knob of the recipe; the defaults are what built the committed assets."""
+
+    seed: int = 0
+    train_images: int = 40000
+    eval_images: int = 30000
+    clip_steps: int = 1000
+    clip_batch: int = 128
+    vae_steps: int = 2000
+    vae_batch: int = 32
+    evaluator_steps: int = 2000
+    evaluator_batch: int = 128
+    unet_steps: int = 12000
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0
+    check_every: int = 1000
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def render_dataset(n: int, seed: int, shapes: tuple[str, ...], multi_object_share: float = 0.0) -> dict:
+    """Render `n` images with labels; a share of them hold 0 or 2-3 objects (for the count head)."""
+    rng = np.random.default_rng(seed)
+    images = np.empty((n, RESOLUTION, RESOLUTION, 3), dtype=np.uint8)
+    specs: list[ShapeSpec | None] = []
+    labels = {name: np.full(n, -1, dtype=np.int64) for name in ATTRIBUTES}
+    for i in tqdm(range(n), desc=f"render {n}", leave=False):
+        if rng.random() < multi_object_share:
+            background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+            k = int(rng.choice([0, 2, 3]))
+            corners = rng.permutation(4)[:k]
+            objs = [
+                ShapeSpec(**{**random_spec(rng, shapes).__dict__, "background": background,
+                             "position": list(POSITIONS)[1 + c], "size": "small"})
+                for c in corners
+            ]
+            out = render_scene(objs, RESOLUTION, RESOLUTION, background, [random_jitter(rng) for _ in objs])
+            specs.append(None)
+        else:
+            spec = random_spec(rng, shapes)
+            out = render(spec, RESOLUTION, RESOLUTION, random_jitter(rng))
+            specs.append(spec)
+        images[i] = out.image
+        for name, values in ATTRIBUTES.items():
+            if name in out.labels:
+                labels[name][i] = values.index(out.labels[name])
+    return {"images": images, "specs": specs, "labels": labels}
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 N x H x W x 3 -> float N x 3 x H x W in [0, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_share: float = 0.05):
+    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
+    warmup = max(1, int(total_steps * warmup_share))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(captions: list[str], folder: Path):
+    """Byte-level BPE with CLIP's normalizer and pre-tokenizer, saved as a `CLIPTokenizer`.
+
+    Every byte symbol and its end-of-word form is in the vocab, so unseen words
+    fall back to bytes instead of the unknown token.
+    """
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    clip_split = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(clip_split), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=2000,
+        min_frequency=2,
+        special_tokens=[],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    bpe.train_from_iterator(captions, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    # CLIP's vocab order: bytes, bytes + </w>, merges, specials.
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for symbol in alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges]:
+        vocab.setdefault(symbol, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+    tokenizer.save_pretrained(folder)
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(
+        captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+# ----------------------------------------------------------------------------- mini-CLIP
+
+
+def clip_configs(tokenizer):
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_DIM,
+        intermediate_size=4 * TEXT_DIM,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=TEXT_DIM,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=TEXT_DIM,
+        intermediate_size=4 * TEXT_DIM,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=RESOLUTION,
+        patch_size=8,
+        projection_dim=TEXT_DIM,
+    )
+    return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=TEXT_DIM)
+
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def clip_normalize(pixels: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+def train_clip(cfg: PretrainConfig, data: dict, tokenizer, folder: Path):
+    from transformers import CLIPModel
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 2)
+    model = CLIPModel(clip_configs(tokenizer))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.1)
+    schedule = warmup_cosine(optimizer, cfg.clip_steps)
+    images, specs = data["images"], data["specs"]
+    bar = tqdm(range(cfg.clip_steps), desc="mini-CLIP")
+    for _ in bar:
+        idx = rng.integers(len(images), size=cfg.clip_batch)
+        captions = [random_caption(specs[i], rng) for i in idx]
+        out = model(
+            input_ids=tokenize(tokenizer, captions),
+            pixel_values=clip_normalize(to_tensor(images[idx])),
+            return_loss=True,
+        )
+        out.loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{out.loss.item():.3f}")
+    model.save_pretrained(folder)
+    return model
+
+
+# ----------------------------------------------------------------------------- VAE
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=RESOLUTION,
+    )
+
+
+def train_vae(cfg: PretrainConfig, data: dict, folder: Path):
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 3)
+    vae = make_vae()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    schedule = warmup_cosine(optimizer, cfg.vae_steps)
+    bar = tqdm(range(cfg.vae_steps), desc="VAE")
+    for _ in bar:
+        idx = rng.integers(len(data["images"]), size=cfg.vae_batch)
+        x = to_tensor(data["images"][idx]) * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        rec_loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = rec_loss + 1e-4 * kl
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(rec=f"{rec_loss.item():.4f}", kl=f"{kl.item():.3f}")
+    vae.eval()
+    # Scale latents to unit variance, as SD does with its 0.18215.
+    with torch.no_grad():
+        sample = to_tensor(data["images"][:2048]) * 2 - 1
+        latents = torch.cat([vae.encode(c).latent_dist.sample() for c in sample.split(256)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    vae.save_pretrained(folder)
+    return vae
+
+
+# ----------------------------------------------------------------------------- evaluator
+
+
+def degrade(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Blur and noise a batch at random, so the evaluator also judges imperfect samples."""
+    n = x.shape[0]
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    mix = torch.rand(n, 1, 1, 1, generator=generator) * 0.7
+    x = x * (1 - mix) + blurred * mix
+    noise = torch.randn(x.shape, generator=generator) * torch.rand(n, 1, 1, 1, generator=generator) * 0.06
+    return (x + noise).clamp(0, 1)
+
+
+@torch.no_grad()
+def vae_ceiling(vae, evaluator, data: dict, n: int = 1000) -> dict:
+    """Evaluator accuracy on VAE round-trips of single-object renders: the best samples can score."""
+    single = np.flatnonzero(data["labels"]["count"] == ATTRIBUTES["count"].index("1"))[:n]
+    x = to_tensor(data["images"][single]) * 2 - 1
+    recon = torch.cat([vae.decode(vae.encode(c).latent_dist.mean).sample for c in x.split(250)])
+    logits, _ = evaluator(((recon + 1) / 2).clamp(0, 1))
+    return {
+        k: round(float((logits[k].argmax(1) == torch.from_numpy(data["labels"][k][single])).float().mean()), 3)
+        for k in ("shape", "color", "texture", "position", "size", "background")
+    }
+
+
+def train_evaluator(cfg: PretrainConfig, data: dict, folder: Path) -> ShapesEvaluator:
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed + 4)
+    rng = np.random.default_rng(cfg.seed + 4)
+    net = ShapesEvaluator()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = warmup_cosine(optimizer, cfg.evaluator_steps)
+    labels = {k: torch.from_numpy(v) for k, v in data["labels"].items()}
+    net.train()
+    bar = tqdm(range(cfg.evaluator_steps), desc="evaluator")
+    for _ in bar:
+        idx = torch.from_numpy(rng.integers(len(data["images"]), size=cfg.evaluator_batch))
+        x = degrade(to_tensor(data["images"][idx.numpy()]), generator)
+        logits, _ = net(x)
+        loss = sum(F.cross_entropy(logits[k], labels[k][idx], ignore_index=-1) for k in ATTRIBUTES)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    net.eval()
+    net.save(folder)
+    return net
+
+
+# ----------------------------------------------------------------------------- UNet
+
+
+def make_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=RESOLUTION // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 96),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=4,
+        norm_num_groups=32,
+    )
+
+
+def make_train_scheduler():
+    from diffusers import DDPMScheduler
+
+    # Stable Diffusion's own training schedule.
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, steps_offset=1,
+    )
+
+
+@torch.no_grad()
+def encode_text(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
+    return text_encoder(tokenize(tokenizer, captions))[0]
+
+
+@torch.no_grad()
+def cache_latents(vae, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for chunk in tqdm(np.array_split(images, max(1, len(images) // 512)), desc="cache latents", leave=False):
+        dist = vae.encode(to_tensor(chunk) * 2 - 1).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def probe_prompts(n: int, seed: int) -> tuple[list[str], list[ShapeSpec]]:
+    """Fully specified prompts over seen shapes, for quick in-training checks."""
+    from studio.toy.captions import caption_from_parts
+
+    rng = np.random.default_rng(seed)
+    specs = [random_spec(rng) for _ in range(n)]
+    prompts = [caption_from_parts(s.shape, s.color, s.texture, position=s.position) for s in specs]
+    return prompts, specs
+
+
+def train_unet(cfg: PretrainConfig, data: dict, tokenizer, text_encoder, vae, evaluator, folder: Path):
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 5)
+    unet = make_unet()
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
+    scheduler = make_train_scheduler()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
+    schedule = warmup_cosine(optimizer, cfg.unet_steps)
+    latent_mean, latent_std = cache_latents(vae, data["images"])
+    scale = vae.config.scaling_factor
+    alphas = scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    empty = encode_text(text_encoder, tokenizer, [""])
+    specs = data["specs"]
+    text_encoder.eval()
+    bar = tqdm(range(cfg.unet_steps), desc="UNet")
+    for step in bar:
+        idx = rng.integers(len(specs), size=cfg.unet_batch)
+        captions = [random_caption(specs[i], rng) for i in idx]
+        cond = encode_text(text_encoder, tokenizer, captions)
+        drop = torch.from_numpy(rng.random(cfg.unet_batch) < cfg.caption_dropout)
+        cond[drop] = empty
+        i_t = torch.from_numpy(idx)
+        latents = (latent_mean[i_t] + latent_std[i_t] * torch.randn_like(latent_mean[i_t])) * scale
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,))
+        noisy = scheduler.add_noise(latents, noise, t)
+        pred = unet(noisy, t, cond).sample
+        # Min-SNR-gamma weighting (Hang et al. 2023) for epsilon prediction.
+        weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]
+        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(unet.parameters())
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if cfg.check_every and (step + 1) % cfg.check_every == 0:
+            ema.store(unet.parameters())
+            ema.copy_to(unet.parameters())
+            scores = quick_check(unet, vae, tokenizer, text_encoder, evaluator, seed=cfg.seed)
+            ema.restore(unet.parameters())
+            tqdm.write(f"step {step + 1}: {json.dumps(scores)}")
+            unet.train()
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    unet.save_pretrained(folder)
+    return unet
+
+
+def sample_scheduler():
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        algorithm_type="dpmsolver++", solver_order=2, steps_offset=1,
+    )
+
+
+def assemble_pipeline(tokenizer, text_encoder, vision_encoder, vae, unet):
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPImageProcessor
+
+    feature_extractor = CLIPImageProcessor(
+        size={"shortest_edge": RESOLUTION}, crop_size={"height": RESOLUTION, "width": RESOLUTION},
+        image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True,
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sample_scheduler(),
+        safety_checker=None, feature_extractor=feature_extractor, image_encoder=vision_encoder,
+        requires_safety_checker=False,
+    )
+
+
+@torch.no_grad()
+def quick_check(unet, vae, tokenizer, text_encoder, evaluator, seed: int, n: int = 60) -> dict:
+    """Sample `n` probe prompts (20 steps, guidance 5) and score them: is conditioning learned yet?"""
+    pipe = assemble_pipeline(tokenizer, text_encoder, None, vae, unet)
+    pipe.set_progress_bar_config(disable=True)
+    prompts, specs = probe_prompts(n, seed + 99)
+    images = pipe(prompts, num_inference_steps=20, guidance_scale=5.0, output_type="pt",
+                  generator=torch.Generator().manual_seed(seed)).images
+    logits, _ = evaluator(images.float())
+    scores = {}
+    for name in ("shape", "color", "texture", "position"):
+        predicted = logits[name].argmax(1).tolist()
+        truth = [ATTRIBUTES[name].index(getattr(s, name)) for s in specs]
+        scores[name] = round(float(np.mean([p == t for p, t in zip(predicted, truth)])), 3)
+    return scores
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def pretrain(
+    output_model: str | Path = "assets/toy-model",
+    output_evaluator: str | Path = "assets/toy-evaluator",
+    work_dir: str | Path = ".cache/toy-pretrain",
+    config: PretrainConfig | None = None,
+    restart: bool = False,
+) -> dict:
+    """Run every stage (skipping those already finished in `work_dir`) and write the assets.
+
+    Returns the wall time of each stage in seconds.
+
+    Example:
+        >>> pretrain(work_dir="/tmp/tp", config=PretrainConfig(unet_steps=10))  # doctest: +SKIP
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    cfg = config or PretrainConfig()
+    work = Path(work_dir)
+    if restart and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    timings: dict[str, float] = {}
+    start = time.time()
+
+    def done(stage: str, t0: float) -> None:
+        timings[stage] = round(time.time() - t0, 1)
+        tqdm.write(f"[pretrain] {stage} done in {timings[stage]:.0f}s (total {time.time() - start:.0f}s)")
+
+    t0 = time.time()
+    train_data = render_dataset(cfg.train_images, cfg.seed, SEEN_SHAPES)
+    eval_data = render_dataset(cfg.eval_images, cfg.seed + 1, SHAPES, multi_object_share=0.15)
+    done("data", t0)
+
+    t0 = time.time()
+    if (work / "tokenizer" / "tokenizer_config.json").exists():
+        tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
+    else:
+        rng = np.random.default_rng(cfg.seed)
+        corpus = [random_caption(train_data["specs"][i % cfg.train_images], rng) for i in range(20000)]
+        tokenizer = train_tokenizer(corpus, work / "tokenizer")
+    done("tokenizer", t0)
+
+    t0 = time.time()
+    if (work / "clip" / "config.json").exists():
+        clip = CLIPModel.from_pretrained(work / "clip")
+    else:
+        clip = train_clip(cfg, train_data, tokenizer, work / "clip")
+    clip.eval()
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.load_state_dict(clip.text_model.state_dict())
+    vision_config = clip.config.vision_config
+    vision_config.projection_dim = clip.config.projection_dim
+    vision_encoder = CLIPVisionModelWithProjection(vision_config)
+    vision_encoder.vision_model.load_state_dict(clip.vision_model.state_dict())
+    vision_encoder.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    text_encoder.eval()
+    vision_encoder.eval()
+    done("clip", t0)
+
+    t0 = time.time()
+    if (work / "vae" / "config.json").exists():
+        vae = AutoencoderKL.from_pretrained(work / "vae")
+    else:
+        vae = train_vae(cfg, train_data, work / "vae")
+    vae.eval()
+    done("vae", t0)
+
+    t0 = time.time()
+    if (work / "evaluator" / "model.safetensors").exists():
+        evaluator = ShapesEvaluator.load(work / "evaluator")
+    else:
+        evaluator = train_evaluator(cfg, eval_data, work / "evaluator")
+    done("evaluator", t0)
+
+    tqdm.write(f"[pretrain] evaluator on VAE reconstructions (the ceiling for samples): {vae_ceiling(vae, evaluator, eval_data)}")
+
+    t0 = time.time()
+    if (work / "unet" / "config.json").exists():
+        unet = UNet2DConditionModel.from_pretrained(work / "unet")
+    else:
+        unet = train_unet(cfg, train_data, tokenizer, text_encoder, vae, evaluator, work / "unet")
+    done("unet", t0)
+
+    pipe = assemble_pipeline(tokenizer, text_encoder, vision_encoder, vae, unet)
+    if Path(output_model).exists():
+        shutil.rmtree(output_model)
+    pipe.save_pretrained(output_model)
+    if Path(output_evaluator).exists():
+        shutil.rmtree(output_evaluator)
+    shutil.copytree(work / "evaluator", output_evaluator)
+    timings["total"] = round(time.time() - start, 1)
+    (Path(output_model) / "pretrain.json").write_text(
+        json.dumps({"config": asdict(cfg), "seconds": timings, "torch_threads": torch.get_num_threads()}, indent=2)
+    )
+    tqdm.write(f"[pretrain] wall time {timings['total'] / 60:.1f} min; model in {output_model}")
+    return timings

@@ -1,0 +1,1 @@
+"""The Gradio app: it calls the same public functions as the CLI (mapped to `studio.ui`)."""
