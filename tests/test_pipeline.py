@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,10 +9,14 @@ from studio.pipeline import check_safetensors, load, toy_model_path
 from studio.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 
-def test_stock_diffusers_loads_and_samples_the_toy_model():
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_stock_diffusers_loads_and_samples_the_toy_model(monkeypatch):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPVisionModelWithProjection
 
+    monkeypatch.chdir(REPO)
     pipe = StableDiffusionPipeline.from_pretrained("assets/toy-model")
     out = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np")
     image = out.images[0]

@@ -248,6 +248,20 @@ def train_clip(cfg: PretrainConfig, data: dict, tokenizer, folder: Path):
     return model
 
 
+def split_clip(clip):
+    """The trained towers as the pipeline's `CLIPTextModel` and IP-Adapter's `CLIPVisionModelWithProjection`."""
+    from transformers import CLIPTextModel, CLIPVisionModelWithProjection
+
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.load_state_dict(clip.text_model.state_dict())
+    vision_config = clip.config.vision_config
+    vision_config.projection_dim = clip.config.projection_dim
+    vision_encoder = CLIPVisionModelWithProjection(vision_config)
+    vision_encoder.vision_model.load_state_dict(clip.vision_model.state_dict())
+    vision_encoder.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    return text_encoder.eval(), vision_encoder.eval()
+
+
 # ----------------------------------------------------------------------------- VAE
 
 
@@ -515,75 +529,54 @@ def pretrain(
         >>> pretrain(work_dir="/tmp/tp", config=PretrainConfig(unet_steps=10))  # doctest: +SKIP
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+    from transformers import CLIPModel, CLIPTokenizer
 
     cfg = config or PretrainConfig()
     work = Path(work_dir)
     if restart and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
+    if (work / "config.json").exists():
+        earlier = json.loads((work / "config.json").read_text())
+        changed = sorted(k for k, v in asdict(cfg).items() if earlier.get(k) != v)
+        if changed:
+            tqdm.write(f"[pretrain] note: {work} was started with other values of {changed}; "
+                       "finished stages are reused as they are (--restart to redo them)")
     (work / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     timings: dict[str, float] = {}
     start = time.time()
 
-    def done(stage: str, t0: float) -> None:
-        timings[stage] = round(time.time() - t0, 1)
-        tqdm.write(f"[pretrain] {stage} done in {timings[stage]:.0f}s (total {time.time() - start:.0f}s)")
+    def stage(name: str, marker: str | None, load, train):
+        """Reuse a stage finished by an earlier run (its `marker` file exists), else run it."""
+        t0 = time.time()
+        finished = marker is not None and (work / name / marker).exists()
+        result = load(work / name) if finished else train(work / name)
+        timings[name] = round(time.time() - t0, 1)
+        tqdm.write(f"[pretrain] {name} done in {timings[name]:.0f}s (total {time.time() - start:.0f}s)")
+        return result
 
-    t0 = time.time()
-    train_data = render_dataset(cfg.train_images, cfg.seed, SEEN_SHAPES)
-    eval_data = render_dataset(cfg.eval_images, cfg.seed + 1, SHAPES, multi_object_share=0.15)
-    done("data", t0)
+    def render_both(_folder):
+        return (
+            render_dataset(cfg.train_images, cfg.seed, SEEN_SHAPES),
+            render_dataset(cfg.eval_images, cfg.seed + 1, SHAPES, multi_object_share=0.15),
+        )
 
-    t0 = time.time()
-    if (work / "tokenizer" / "tokenizer_config.json").exists():
-        tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
-    else:
+    def learn_tokenizer(folder):
         rng = np.random.default_rng(cfg.seed)
         corpus = [random_caption(train_data["specs"][i % cfg.train_images], rng) for i in range(20000)]
-        tokenizer = train_tokenizer(corpus, work / "tokenizer")
-    done("tokenizer", t0)
+        return train_tokenizer(corpus, folder)
 
-    t0 = time.time()
-    if (work / "clip" / "config.json").exists():
-        clip = CLIPModel.from_pretrained(work / "clip")
-    else:
-        clip = train_clip(cfg, train_data, tokenizer, work / "clip")
-    clip.eval()
-    text_encoder = CLIPTextModel(clip.config.text_config)
-    text_encoder.load_state_dict(clip.text_model.state_dict())
-    vision_config = clip.config.vision_config
-    vision_config.projection_dim = clip.config.projection_dim
-    vision_encoder = CLIPVisionModelWithProjection(vision_config)
-    vision_encoder.vision_model.load_state_dict(clip.vision_model.state_dict())
-    vision_encoder.visual_projection.load_state_dict(clip.visual_projection.state_dict())
-    text_encoder.eval()
-    vision_encoder.eval()
-    done("clip", t0)
-
-    t0 = time.time()
-    if (work / "vae" / "config.json").exists():
-        vae = AutoencoderKL.from_pretrained(work / "vae")
-    else:
-        vae = train_vae(cfg, train_data, work / "vae")
-    vae.eval()
-    done("vae", t0)
-
-    t0 = time.time()
-    if (work / "evaluator" / "model.safetensors").exists():
-        evaluator = ShapesEvaluator.load(work / "evaluator")
-    else:
-        evaluator = train_evaluator(cfg, eval_data, work / "evaluator")
-    done("evaluator", t0)
-
+    train_data, eval_data = stage("data", None, None, render_both)
+    tokenizer = stage("tokenizer", "tokenizer_config.json", CLIPTokenizer.from_pretrained, learn_tokenizer)
+    clip = stage("clip", "config.json", CLIPModel.from_pretrained, lambda f: train_clip(cfg, train_data, tokenizer, f))
+    text_encoder, vision_encoder = split_clip(clip)
+    vae = stage("vae", "config.json", AutoencoderKL.from_pretrained, lambda f: train_vae(cfg, train_data, f)).eval()
+    evaluator = stage("evaluator", "model.safetensors", ShapesEvaluator.load, lambda f: train_evaluator(cfg, eval_data, f))
     tqdm.write(f"[pretrain] evaluator on VAE reconstructions (the ceiling for samples): {vae_ceiling(vae, evaluator, eval_data)}")
-
-    t0 = time.time()
-    if (work / "unet" / "config.json").exists():
-        unet = UNet2DConditionModel.from_pretrained(work / "unet")
-    else:
-        unet = train_unet(cfg, train_data, tokenizer, text_encoder, vae, evaluator, work / "unet")
-    done("unet", t0)
+    unet = stage(
+        "unet", "config.json", UNet2DConditionModel.from_pretrained,
+        lambda f: train_unet(cfg, train_data, tokenizer, text_encoder, vae, evaluator, f),
+    )
 
     pipe = assemble_pipeline(tokenizer, text_encoder, vision_encoder, vae, unet)
     if Path(output_model).exists():
