@@ -1,0 +1,151 @@
+"""The artifact: one `.safetensors` file whose header says what it holds.
+
+Header metadata (safetensors metadata is str -> str):
+
+- `studio.method`       the registry name of the method ("lora", "oft", ...)
+- `studio.version`      the studio version that wrote it
+- `studio.config`       the method's config, as JSON
+- `studio.fingerprint`  the base model it was made on, as JSON: the model class
+                        and the shape of every layer the artifact touches
+
+`studio.plugin` reads the header to know what a file holds, and
+`check_fingerprint` refuses a file made on another base model, naming the
+layers that differ.
+
+Example:
+    >>> import torch
+    >>> save_artifact("/tmp/a.safetensors", {"w": torch.zeros(2)}, "lora", {"rank": 4}, {"model": "X", "layers": {}})
+    >>> read_header("/tmp/a.safetensors").method
+    'lora'
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from studio.errors import StudioError
+from studio.pipeline import check_safetensors
+
+METHOD_KEY = "studio.method"
+VERSION_KEY = "studio.version"
+CONFIG_KEY = "studio.config"
+FINGERPRINT_KEY = "studio.fingerprint"
+
+
+def studio_version() -> str:
+    try:
+        return version("diffusion-studio")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass
+class ArtifactHeader:
+    """What an artifact's header says: method, version, config, base-model fingerprint, other metadata."""
+
+    method: str
+    version: str
+    config: dict
+    fingerprint: dict
+    extra: dict = field(default_factory=dict)
+
+
+def fingerprint(model: torch.nn.Module, module_names: list[str]) -> dict:
+    """The model class and the weight shape of each named module: enough to tell base models apart.
+
+    Example:
+        >>> fingerprint(torch.nn.Sequential(torch.nn.Linear(2, 3)), ["0"])
+        {'model': 'Sequential', 'layers': {'0': [3, 2]}}
+    """
+    modules = dict(model.named_modules())
+    layers = {}
+    for name in module_names:
+        weight = getattr(modules.get(name), "weight", None)
+        layers[name] = list(weight.shape) if weight is not None else None
+    return {"model": type(model).__name__, "layers": layers}
+
+
+def check_fingerprint(expected: dict, model: torch.nn.Module, path: str | Path = "artifact") -> None:
+    """Raise a `StudioError` naming each layer whose shape differs (or that is missing) in `model`.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3))
+        >>> check_fingerprint(fingerprint(net, ["0"]), net)
+    """
+    actual = fingerprint(model, list(expected.get("layers", {})))["layers"]
+    differences = []
+    for name, shape in expected.get("layers", {}).items():
+        if actual.get(name) is None and shape is not None:
+            differences.append(f"{name}: missing in this model (file has {shape})")
+        elif actual.get(name) != shape:
+            differences.append(f"{name}: file {shape}, model {actual.get(name)}")
+    if differences:
+        shown = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more" if len(differences) > 5 else "")
+        raise StudioError(
+            f"{path} was made on another base model ({expected.get('model')}, {len(differences)} layers differ: {shown}); "
+            "load the model it was trained on, or retrain it on this one"
+        )
+
+
+def save_artifact(
+    path: str | Path,
+    tensors: dict[str, torch.Tensor],
+    method: str,
+    config: dict,
+    base_fingerprint: dict,
+    extra_metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write `tensors` with the studio header (plus `extra_metadata`, e.g. diffusers' own keys).
+
+    Written to a temporary name first and renamed, so a crash never leaves a half-written artifact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        METHOD_KEY: method,
+        VERSION_KEY: studio_version(),
+        CONFIG_KEY: json.dumps(config, sort_keys=True),
+        FINGERPRINT_KEY: json.dumps(base_fingerprint, sort_keys=True),
+        **(extra_metadata or {}),
+    }
+    partial = path.with_name(path.name + ".partial")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(partial), metadata=metadata)
+    partial.replace(path)
+    return path
+
+
+def read_header(path: str | Path) -> ArtifactHeader:
+    """Read an artifact's header without loading its tensors.
+
+    Example:
+        >>> read_header("lora.safetensors").config["rank"]  # doctest: +SKIP
+        4
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StudioError(f"artifact {path} not found")
+    metadata = check_safetensors(path).get("__metadata__", {}) or {}
+    if METHOD_KEY not in metadata:
+        raise StudioError(
+            f"{path} has no {METHOD_KEY} in its header: it was not written by Diffusion Studio; "
+            "convert it first with `studio convert`"
+        )
+    try:
+        config = json.loads(metadata.get(CONFIG_KEY, "{}"))
+        base = json.loads(metadata.get(FINGERPRINT_KEY, "{}"))
+    except json.JSONDecodeError as err:
+        raise StudioError(f"{path} has a corrupt studio header ({err})") from None
+    extra = {k: v for k, v in metadata.items() if not k.startswith("studio.")}
+    return ArtifactHeader(metadata[METHOD_KEY], metadata.get(VERSION_KEY, "?"), config, base, extra)
+
+
+def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], ArtifactHeader]:
+    """The tensors and the header of an artifact."""
+    header = read_header(path)
+    return load_file(str(path)), header
