@@ -1,0 +1,127 @@
+"""BOFT: orthogonal finetuning with a butterfly factorisation (Liu et al. 2024).
+
+The rotation of a layer's input side is a product of m butterfly factors,
+M = F_{m-1} ... F_1 F_0, each F_i = P_i B_i P_i^T: a block-diagonal orthogonal
+B_i (Cayley of a skew-symmetric generator per block) between a fixed
+butterfly permutation P_i and its inverse. A learned per-output scale s
+follows. The effective weight is W' = diag(s) W M^T (PEFT's convention).
+
+Unlike PEFT on a machine without its CUDA extension, every requested factor
+is used (PEFT silently falls back to one), and the permutations are index
+tensors, never dense d x d matrices: each factor is a column gather, a
+block rotation and a column scatter of the (out x in*kh*kw) weight. At init
+the generators are zero and s = 1, so the layer is exactly the base layer.
+
+Parameter layout follows PEFT (`boft_R`: m x n_blocks x b x b, `boft_s`:
+out x 1 on Linear, 1 x out on Conv2d), so files load into PEFT's BOFT.
+
+Example:
+    >>> layer = BOFTLayer(torch.nn.Linear(32, 8), BOFTConfig(block_size=4, n_butterfly_factor=2))
+    >>> x = torch.randn(2, 32)
+    >>> torch.equal(layer(x), layer.base_layer(x))
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from studio.errors import StudioError
+from studio.orthogonal import cayley, rotate_weight
+from studio.targets import ATTENTION_PROJECTIONS, flat_weight, in_dim, layer_forward
+
+
+@dataclass
+class BOFTConfig:
+    """BOFT options. Each targeted input dim must be a multiple of block_size * 2**(n_butterfly_factor - 1)."""
+
+    block_size: int = 8
+    n_butterfly_factor: int = 2
+    target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
+
+
+def butterfly_permutation(dim: int, n_groups: int, half_block: int) -> torch.Tensor:
+    """Indices of one butterfly permutation (PEFT's `block_butterfly_perm`): (P x)[j] = x[perm[j]].
+
+    The dim is cut into `n_groups` groups; inside each, chunks of `half_block`
+    are reordered evens first, then odds, so a block of the next factor mixes
+    halves of blocks that were apart in the previous one.
+    """
+    group = dim // n_groups
+    chunks = group // half_block
+    order = torch.cat([torch.arange(0, chunks, 2), torch.arange(1, chunks, 2)])
+    within = (order[:, None] * half_block + torch.arange(half_block)[None, :]).reshape(-1)
+    return (torch.arange(n_groups)[:, None] * group + within[None, :]).reshape(-1)
+
+
+def butterfly_permutations(dim: int, block_size: int, n_factors: int) -> list[torch.Tensor]:
+    """One permutation per factor; the first is the identity when there is a single factor."""
+    n_blocks = dim // block_size
+    if n_factors == 1:
+        return [torch.arange(dim)]
+    return [butterfly_permutation(dim, n_blocks // 2**i, block_size // 2) for i in range(n_factors)]
+
+
+class BOFTLayer(nn.Module):
+    """A Linear or Conv2d whose weight is rotated by a learned butterfly-orthogonal matrix and scaled per output."""
+
+    def __init__(self, base_layer: nn.Module, config: BOFTConfig) -> None:
+        super().__init__()
+        if not isinstance(base_layer, (nn.Linear, nn.Conv2d)):
+            raise StudioError(f"BOFT wraps Linear and Conv2d layers, not {type(base_layer).__name__}")
+        if isinstance(base_layer, nn.Conv2d) and base_layer.groups > 1:
+            raise StudioError("BOFT cannot wrap a grouped convolution (groups > 1); leave it out of target_modules")
+        dim = in_dim(base_layer)
+        b, m = config.block_size, config.n_butterfly_factor
+        if m < 1:
+            raise StudioError(f"n_butterfly_factor must be at least 1 (got {m})")
+        if m > 1 and b % 2:
+            raise StudioError(f"BOFT with {m} butterfly factors needs an even block_size (got {b})")
+        span = b * 2 ** (m - 1)
+        if dim % b or dim % span:
+            raise StudioError(
+                f"BOFT block_size {b} with {m} butterfly factors needs an input dim that is a multiple of {span}; "
+                f"this layer has {dim}. Use a smaller block_size or fewer factors"
+            )
+        self.base_layer = base_layer
+        self.block_size = b
+        n_blocks = dim // b
+        device = base_layer.weight.device
+        self.boft_R = nn.Parameter(torch.zeros(m, n_blocks, b, b, device=device))
+        # PEFT's shapes: (out, 1) on Linear, (1, out) on Conv2d.
+        out_features = base_layer.weight.shape[0]
+        scale_shape = (1, out_features) if isinstance(base_layer, nn.Conv2d) else (out_features, 1)
+        self.boft_s = nn.Parameter(torch.ones(*scale_shape, device=device))
+        for i, perm in enumerate(butterfly_permutations(dim, b, m)):
+            self.register_buffer(f"perm_{i}", perm.to(device), persistent=False)
+            self.register_buffer(f"inverse_perm_{i}", torch.argsort(perm).to(device), persistent=False)
+        self.scale = 1.0
+
+    @property
+    def n_factors(self) -> int:
+        return self.boft_R.shape[0]
+
+    def factor_rotations(self) -> torch.Tensor:
+        """B_i blocks for every factor, (m, n_blocks, b, b), at the current scale."""
+        generators = self.boft_R.float() * self.scale
+        skew = 0.5 * (generators - generators.transpose(-1, -2))
+        m, n, b, _ = skew.shape
+        return cayley(skew.reshape(m * n, b, b)).reshape(m, n, b, b)
+
+    def rotated_weight(self) -> torch.Tensor:
+        base = self.base_layer.weight
+        weight = flat_weight(self.base_layer).float()
+        for i, blocks in enumerate(self.factor_rotations()):
+            # W F_i^T = W P_i B_i^T P_i^T: gather columns, rotate blocks, scatter back.
+            weight = rotate_weight(weight[:, getattr(self, f"inverse_perm_{i}")], blocks)
+            weight = weight[:, getattr(self, f"perm_{i}")]
+        scale = 1.0 + (self.boft_s.float().reshape(-1, 1) - 1.0) * self.scale
+        return (weight * scale).reshape(base.shape).to(base.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale == 0:
+            return self.base_layer(x)
+        return layer_forward(self.base_layer, x, self.rotated_weight())

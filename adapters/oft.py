@@ -1,0 +1,93 @@
+"""OFT: orthogonal finetuning (Qiu et al. 2023), block-diagonal, Cayley-parameterised.
+
+Each targeted layer's input side is rotated by a block-diagonal orthogonal
+matrix R = blockdiag(R_1, ..., R_n), R_i = (I - Q_i)(I + Q_i)^-1 with Q_i
+skew-symmetric. In PEFT's row convention the rotated input is x R, so the
+layer computes (x R) W^T = x (W R^T)^T: its effective weight is W' = W R^T.
+
+We apply R to the *weight* (out x in*kh*kw), never to activations: a 3x3
+convolution then stays an exact convolution (PEFT's unfold/fold on
+activations is not the base layer at identity), and the cost does not grow
+with the number of tokens. At init Q = 0, so R = I and the layer is exactly
+the base layer.
+
+Parameter layout follows PEFT (`oft_R`: n_blocks x b(b-1)/2, the strict upper
+triangle of each Q_i, row-major), so our files load into PEFT with
+`use_cayley_neumann=False` (exact Cayley) and give the same outputs on Linear
+and 1x1 Conv2d layers.
+
+Example:
+    >>> layer = OFTLayer(torch.nn.Linear(64, 8), OFTConfig(block_size=16))
+    >>> x = torch.randn(2, 64)
+    >>> torch.equal(layer(x), layer.base_layer(x))
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from studio.errors import StudioError
+from studio.orthogonal import cayley, rotate_weight, skew_symmetric
+from studio.targets import ATTENTION_PROJECTIONS, flat_weight, in_dim, layer_forward
+
+
+@dataclass
+class OFTConfig:
+    """OFT options. `block_size` must divide every targeted layer's input dim (in_features, or in_ch*kh*kw)."""
+
+    block_size: int = 32
+    coft: bool = False  # constrained OFT: keep each ||Q_i|| within eps / sqrt(n_blocks)
+    eps: float = 6e-5
+    target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
+
+
+def project_coft(params: torch.Tensor, block_size: int, eps: float) -> torch.Tensor:
+    """COFT: scale each block's Q back onto the ball ||Q||_F <= eps / sqrt(n_blocks) (PEFT's radius)."""
+    radius = eps / params.shape[0] ** 0.5
+    norms = skew_symmetric(params, block_size).flatten(1).norm(dim=1, keepdim=True)
+    return torch.where(norms > radius, params * (radius / norms.clamp_min(1e-12)), params)
+
+
+class OFTLayer(nn.Module):
+    """A Linear or Conv2d whose weight is rotated on the input side by a learned block-diagonal R."""
+
+    def __init__(self, base_layer: nn.Module, config: OFTConfig) -> None:
+        super().__init__()
+        if not isinstance(base_layer, (nn.Linear, nn.Conv2d)):
+            raise StudioError(f"OFT wraps Linear and Conv2d layers, not {type(base_layer).__name__}")
+        dim = in_dim(base_layer)
+        if dim % config.block_size:
+            raise StudioError(
+                f"OFT block_size {config.block_size} does not divide the layer's input dim {dim}; "
+                "pick a block size that divides every targeted layer (e.g. 4, 8, 16, 32)"
+            )
+        self.base_layer = base_layer
+        self.block_size = config.block_size
+        self.coft = config.coft
+        self.eps = config.eps
+        n_blocks = dim // config.block_size
+        n_params = config.block_size * (config.block_size - 1) // 2
+        self.oft_R = nn.Parameter(torch.zeros(n_blocks, n_params, device=base_layer.weight.device))
+        self.scale = 1.0
+
+    def rotations(self) -> torch.Tensor:
+        """The blocks R_i, (n_blocks, b, b), at the current scale (scale interpolates the skew generator)."""
+        if self.coft and self.training:
+            with torch.no_grad():
+                self.oft_R.copy_(project_coft(self.oft_R, self.block_size, self.eps))
+        params = self.oft_R.float() * self.scale
+        return cayley(skew_symmetric(params, self.block_size))
+
+    def rotated_weight(self) -> torch.Tensor:
+        base = self.base_layer.weight
+        rotated = rotate_weight(flat_weight(self.base_layer).float(), self.rotations())
+        return rotated.reshape(base.shape).to(base.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale == 0:
+            return self.base_layer(x)
+        return layer_forward(self.base_layer, x, self.rotated_weight())
