@@ -1,0 +1,83 @@
+"""LoRA (Hu et al. 2021) through PEFT, in the file layout diffusers loads.
+
+The low-rank update W + (alpha / r) B A is PEFT's own layer; we only choose
+the targets and write the state dict with diffusers' keys
+(`unet.<module>.lora_A.weight`) and its `lora_adapter_metadata` header entry,
+so stock `pipe.load_lora_weights(file)` accepts our file.
+
+Example:
+    >>> from studio.testing import tiny_sd_pipeline
+    >>> unet = tiny_sd_pipeline().unet
+    >>> inject(unet, LoRAConfig(rank=2))
+    >>> sorted(state_dict(unet))[0].startswith("unet.")
+    True
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from studio.targets import ATTENTION_PROJECTIONS
+
+ADAPTER_NAME = "studio"
+LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA options: rank r, alpha (the update is scaled by alpha / r), targets, dropout on the LoRA input."""
+
+    rank: int = 4
+    alpha: float = 4.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
+
+
+def peft_config(config: LoRAConfig):
+    """The equivalent `peft.LoraConfig`."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules),
+        init_lora_weights="gaussian",
+    )
+
+
+def inject(model: nn.Module, config: LoRAConfig) -> None:
+    """Add trainable LoRA layers to `model` (a diffusers model with PEFT support) and freeze the rest."""
+    model.requires_grad_(False)
+    model.add_adapter(peft_config(config), adapter_name=ADAPTER_NAME)
+
+
+def state_dict(model: nn.Module, prefix: str = "unet") -> dict[str, torch.Tensor]:
+    """The LoRA tensors with diffusers' keys, e.g. `unet.down_blocks.0...to_q.lora_A.weight`."""
+    from peft.utils import get_peft_model_state_dict
+
+    tensors = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+    return {f"{prefix}.{key}": value.detach().clone() for key, value in tensors.items()}
+
+
+def diffusers_metadata(config: LoRAConfig, prefix: str = "unet") -> dict[str, str]:
+    """The `lora_adapter_metadata` header entry diffusers reads to rebuild the LoraConfig."""
+    kwargs = {
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": sorted(config.target_modules),
+    }
+    return {LORA_METADATA_KEY: json.dumps({f"{prefix}.{k}": v for k, v in kwargs.items()}, sort_keys=True)}
+
+
+def config_from_dict(values: dict) -> LoRAConfig:
+    return LoRAConfig(**{k: v for k, v in values.items() if k in LoRAConfig.__dataclass_fields__})
+
+
+def config_dict(config: LoRAConfig) -> dict:
+    return asdict(config)
