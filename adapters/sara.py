@@ -1,0 +1,178 @@
+"""SaRA (Hu et al. 2024): train the smallest-magnitude weights as a sparse delta.
+
+For each targeted Linear/Conv2d, the `fraction` of entries with the smallest
+|w| ("temporarily ineffective" parameters) is selected; their per-tensor
+threshold is kept. Training learns a 1-D vector of deltas for exactly those
+entries (flat indices), so gradients and optimizer state exist only for the
+sparse set:
+
+- Memory-light backward: `SparseDeltaLinear`/`SparseDeltaConv2d` patch the
+  deltas into the frozen weight in place for the matmul and restore the saved
+  originals bit-exactly afterwards; the backward computes the weight gradient
+  and keeps only its masked entries. No full-size weight copy, gradient or
+  optimizer state outlives one layer's backward.
+- Nuclear-norm constraint: `nuclear_norm` of the dense delta of a layer, added
+  to the loss with weight `rank_weight` (the trainer picks one random 2-D
+  layer per step, as the reference does).
+- Progressive re-selection: `reselect` re-applies the stored threshold to the
+  updated weights W + delta: entries that grew beyond it are frozen with the
+  delta they learned (kept in a frozen buffer), those still below it keep
+  training (the trainer resets their optimizer state).
+
+The artifact stores, per layer, int64 flat indices and float deltas; applying
+is a scatter-add, removing a scatter of the saved originals.
+
+Example:
+    >>> layer = SaRALayer(torch.nn.Linear(16, 8), SaRAConfig(fraction=0.25))
+    >>> layer.values.numel()
+    32
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from studio.errors import StudioError
+
+DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+
+
+@dataclass
+class SaRAConfig:
+    """SaRA options: the fraction of each targeted weight to train, the nuclear-norm weight, the targets."""
+
+    fraction: float = 0.1
+    rank_weight: float = 5e-4  # lambda of the nuclear-norm term (the reference README's value)
+    rank_min_dim: int = 32  # only layers whose smaller weight dim is at least this get the term
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+
+
+def smallest_indices(weight: torch.Tensor, fraction: float) -> tuple[torch.Tensor, float]:
+    """Flat indices of the `fraction` smallest |w|, and the threshold |w| below which they lie."""
+    if not 0 < fraction <= 1:
+        raise StudioError(f"SaRA fraction must be in (0, 1] (got {fraction})")
+    magnitudes = weight.detach().abs().flatten().float()
+    k = max(1, int(round(fraction * magnitudes.numel())))
+    threshold = torch.kthvalue(magnitudes, k).values.item()
+    indices = torch.nonzero(magnitudes <= threshold).flatten()[:k]
+    return indices, threshold
+
+
+class _SparseDelta(torch.autograd.Function):
+    """y = layer(x; W + scatter(values)) with only the masked weight gradient kept."""
+
+    @staticmethod
+    def forward(ctx, x, values, layer, indices):
+        flat = layer.weight.data.view(-1)
+        originals = flat[indices].clone()
+        flat[indices] = originals + values.to(flat.dtype)
+        try:
+            out = _layer_op(layer, x, layer.weight.data)
+        finally:
+            flat[indices] = originals
+        ctx.layer = layer
+        ctx.save_for_backward(x, values, indices)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, values, indices = ctx.saved_tensors
+        layer = ctx.layer
+        flat = layer.weight.data.view(-1)
+        originals = flat[indices].clone()
+        flat[indices] = originals + values.to(flat.dtype)
+        try:
+            grad_x = _input_grad(layer, x, grad_out) if ctx.needs_input_grad[0] else None
+        finally:
+            flat[indices] = originals
+        grad_weight = _weight_grad(layer, x, grad_out)
+        grad_values = grad_weight.reshape(-1)[indices].to(values.dtype)
+        return grad_x, grad_values, None, None
+
+
+def _layer_op(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, nn.Conv2d):
+        return layer._conv_forward(x, weight, layer.bias)
+    return F.linear(x, weight, layer.bias)
+
+
+def _input_grad(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, nn.Conv2d):
+        return torch.nn.grad.conv2d_input(
+            x.shape, layer.weight.data, grad_out, layer.stride, layer.padding, layer.dilation, layer.groups
+        )
+    return grad_out @ layer.weight.data
+
+
+def _weight_grad(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, nn.Conv2d):
+        return torch.nn.grad.conv2d_weight(
+            x, layer.weight.shape, grad_out, layer.stride, layer.padding, layer.dilation, layer.groups
+        )
+    return grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+
+
+class SaRALayer(nn.Module):
+    """A Linear or Conv2d with a trainable sparse delta on its smallest-magnitude weights."""
+
+    def __init__(self, base_layer: nn.Module, config: SaRAConfig) -> None:
+        super().__init__()
+        if not isinstance(base_layer, (nn.Linear, nn.Conv2d)):
+            raise StudioError(f"SaRA wraps Linear and Conv2d layers, not {type(base_layer).__name__}")
+        if isinstance(base_layer, nn.Conv2d) and base_layer.padding_mode != "zeros":
+            raise StudioError("SaRA supports zero-padded convolutions only")
+        self.base_layer = base_layer.requires_grad_(False)
+        indices, threshold = smallest_indices(base_layer.weight, config.fraction)
+        self.threshold = threshold
+        self.register_buffer("indices", indices)
+        self.values = nn.Parameter(torch.zeros(indices.numel(), device=base_layer.weight.device))
+        # Entries trained before a re-selection and frozen since (disjoint from `indices`).
+        self.register_buffer("frozen_indices", torch.zeros(0, dtype=torch.long, device=indices.device))
+        self.register_buffer("frozen_values", torch.zeros(0, device=indices.device))
+        self.scale = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen_indices.numel():
+            # Rare path (after a re-selection): fold the frozen part in with the trainable one.
+            indices = torch.cat([self.indices, self.frozen_indices])
+            values = torch.cat([self.values, self.frozen_values.detach()])
+        else:
+            indices, values = self.indices, self.values
+        return _SparseDelta.apply(x, values * self.scale, self.base_layer, indices)
+
+    def delta(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All learned (flat index, delta) pairs of this layer."""
+        return (
+            torch.cat([self.indices, self.frozen_indices]),
+            torch.cat([self.values.detach(), self.frozen_values]),
+        )
+
+    def dense_delta(self) -> torch.Tensor:
+        """The delta as a dense (out, in*kh*kw) matrix, differentiable in `values` (for the nuclear norm)."""
+        weight = self.base_layer.weight
+        dense = torch.zeros(weight.numel(), device=weight.device, dtype=self.values.dtype)
+        dense = dense.index_put((self.indices,), self.values)
+        if self.frozen_indices.numel():
+            dense = dense.index_put((self.frozen_indices,), self.frozen_values)
+        return dense.view(weight.shape[0], -1)
+
+    @torch.no_grad()
+    def reselect(self) -> int:
+        """Freeze trained entries that left the ineffective set (|w + delta| >= threshold); return how many."""
+        updated = self.base_layer.weight.data.view(-1)[self.indices] + self.values
+        still_small = updated.abs() < self.threshold
+        leaving = ~still_small
+        self.frozen_indices = torch.cat([self.frozen_indices, self.indices[leaving]])
+        self.frozen_values = torch.cat([self.frozen_values, self.values[leaving]])
+        self.indices = self.indices[still_small]
+        self.values = nn.Parameter(self.values[still_small].clone())
+        return int(leaving.sum())
+
+
+def nuclear_norm(layer: SaRALayer) -> torch.Tensor:
+    """||delta||_* (sum of singular values) of the layer's dense delta; its gradient is U V^T."""
+    return torch.linalg.svdvals(layer.dense_delta().float()).sum()
