@@ -25,13 +25,14 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 from torch import nn
 
 from studio.errors import StudioError
 from studio.orthogonal import cayley, rotate_weight
-from studio.targets import ATTENTION_PROJECTIONS, flat_weight, in_dim, layer_forward
+from studio.targets import ATTENTION_PROJECTIONS, in_dim, layer_forward
 
 
 @dataclass
@@ -65,6 +66,45 @@ def butterfly_permutations(dim: int, block_size: int, n_factors: int) -> list[to
     return [butterfly_permutation(dim, n_blocks // 2**i, block_size // 2) for i in range(n_factors)]
 
 
+R_PARAM = "boft_R"  # PEFT's keys under each wrapped module
+S_PARAM = "boft_s"
+PARAMS = (R_PARAM, S_PARAM)
+KEY_PREFIX = "base_model.model."
+
+
+@lru_cache(maxsize=64)
+def _permutations(dim: int, block_size: int, n_factors: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    perms = butterfly_permutations(dim, block_size, n_factors)
+    return [(perm, torch.argsort(perm)) for perm in perms]
+
+
+def factor_rotations(generators: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """B_i blocks of every factor, (m, n_blocks, b, b), from PEFT-layout generators (skew part is used)."""
+    generators = generators.float() * scale
+    skew = 0.5 * (generators - generators.transpose(-1, -2))
+    m, n, b, _ = skew.shape
+    return cayley(skew.reshape(m * n, b, b)).reshape(m, n, b, b)
+
+
+def transform(weight: torch.Tensor, params: dict[str, torch.Tensor], scale: float = 1.0, config: dict | None = None) -> torch.Tensor:
+    """diag(s) W M^T for one layer from its BOFT tensors; `scale` interpolates generators and s towards identity.
+
+    Example:
+        >>> w = torch.randn(4, 16)
+        >>> params = {R_PARAM: torch.zeros(2, 4, 4, 4), S_PARAM: torch.ones(4, 1)}
+        >>> torch.equal(transform(w, params), w)
+        True
+    """
+    flat = weight.reshape(weight.shape[0], -1).float()
+    blocks = factor_rotations(params[R_PARAM], scale)
+    m, _, b, _ = blocks.shape
+    for (perm, inverse), factor in zip(_permutations(flat.shape[1], b, m), blocks):
+        # W F_i^T = W P_i B_i^T P_i^T: gather columns, rotate blocks, scatter back.
+        flat = rotate_weight(flat[:, inverse.to(flat.device)], factor)[:, perm.to(flat.device)]
+    per_output = 1.0 + (params[S_PARAM].float().reshape(-1, 1) - 1.0) * scale
+    return (flat * per_output).reshape(weight.shape).to(weight.dtype)
+
+
 class BOFTLayer(nn.Module):
     """A Linear or Conv2d whose weight is rotated by a learned butterfly-orthogonal matrix and scaled per output."""
 
@@ -87,39 +127,16 @@ class BOFTLayer(nn.Module):
                 f"this layer has {dim}. Use a smaller block_size or fewer factors"
             )
         self.base_layer = base_layer
-        self.block_size = b
-        n_blocks = dim // b
         device = base_layer.weight.device
-        self.boft_R = nn.Parameter(torch.zeros(m, n_blocks, b, b, device=device))
+        self.boft_R = nn.Parameter(torch.zeros(m, dim // b, b, b, device=device))
         # PEFT's shapes: (out, 1) on Linear, (1, out) on Conv2d.
         out_features = base_layer.weight.shape[0]
         scale_shape = (1, out_features) if isinstance(base_layer, nn.Conv2d) else (out_features, 1)
         self.boft_s = nn.Parameter(torch.ones(*scale_shape, device=device))
-        for i, perm in enumerate(butterfly_permutations(dim, b, m)):
-            self.register_buffer(f"perm_{i}", perm.to(device), persistent=False)
-            self.register_buffer(f"inverse_perm_{i}", torch.argsort(perm).to(device), persistent=False)
         self.scale = 1.0
 
-    @property
-    def n_factors(self) -> int:
-        return self.boft_R.shape[0]
-
-    def factor_rotations(self) -> torch.Tensor:
-        """B_i blocks for every factor, (m, n_blocks, b, b), at the current scale."""
-        generators = self.boft_R.float() * self.scale
-        skew = 0.5 * (generators - generators.transpose(-1, -2))
-        m, n, b, _ = skew.shape
-        return cayley(skew.reshape(m * n, b, b)).reshape(m, n, b, b)
-
     def rotated_weight(self) -> torch.Tensor:
-        base = self.base_layer.weight
-        weight = flat_weight(self.base_layer).float()
-        for i, blocks in enumerate(self.factor_rotations()):
-            # W F_i^T = W P_i B_i^T P_i^T: gather columns, rotate blocks, scatter back.
-            weight = rotate_weight(weight[:, getattr(self, f"inverse_perm_{i}")], blocks)
-            weight = weight[:, getattr(self, f"perm_{i}")]
-        scale = 1.0 + (self.boft_s.float().reshape(-1, 1) - 1.0) * self.scale
-        return (weight * scale).reshape(base.shape).to(base.dtype)
+        return transform(self.base_layer.weight, {R_PARAM: self.boft_R, S_PARAM: self.boft_s}, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale == 0:

@@ -37,6 +37,29 @@ class LoRAConfig:
     target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
 
 
+A_PARAM = "lora_A.weight"
+B_PARAM = "lora_B.weight"
+PARAMS = (A_PARAM, B_PARAM)
+KEY_PREFIX = "unet."
+
+
+def transform(weight: torch.Tensor, params: dict[str, torch.Tensor], scale: float = 1.0, config: dict | None = None) -> torch.Tensor:
+    """W + scale * (alpha / r) * B A for one layer (Linear, or Conv2d with a k x k A and a 1 x 1 B).
+
+    Example:
+        >>> w = torch.zeros(3, 2)
+        >>> p = {A_PARAM: torch.ones(1, 2), B_PARAM: torch.ones(3, 1)}
+        >>> transform(w, p, 0.5, {"rank": 1, "alpha": 2.0})[0].tolist()
+        [1.0, 1.0]
+    """
+    down = params[A_PARAM].reshape(params[A_PARAM].shape[0], -1).float()
+    up = params[B_PARAM].reshape(params[B_PARAM].shape[0], -1).float()
+    rank = down.shape[0]
+    alpha = float((config or {}).get("alpha", rank))
+    delta = (up @ down) * (scale * alpha / rank)
+    return (weight.float() + delta.reshape(weight.shape).to(weight.device)).to(weight.dtype)
+
+
 def peft_config(config: LoRAConfig):
     """The equivalent `peft.LoraConfig`."""
     from peft import LoraConfig

@@ -32,7 +32,7 @@ from torch import nn
 
 from studio.errors import StudioError
 from studio.orthogonal import cayley, rotate_weight, skew_symmetric
-from studio.targets import ATTENTION_PROJECTIONS, flat_weight, in_dim, layer_forward
+from studio.targets import ATTENTION_PROJECTIONS, in_dim, layer_forward
 
 
 @dataclass
@@ -50,6 +50,31 @@ def project_coft(params: torch.Tensor, block_size: int, eps: float) -> torch.Ten
     radius = eps / params.shape[0] ** 0.5
     norms = skew_symmetric(params, block_size).flatten(1).norm(dim=1, keepdim=True)
     return torch.where(norms > radius, params * (radius / norms.clamp_min(1e-12)), params)
+
+
+PARAM = "oft_R.weight"  # PEFT's key for the generators under each wrapped module
+PARAMS = (PARAM,)
+KEY_PREFIX = "base_model.model."  # PEFT's prefix: our files load with set_peft_model_state_dict
+
+
+def rotations(params: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """The blocks R_i = Cayley(scale * Q_i), (n_blocks, b, b), from PEFT-layout generators (n_blocks, b(b-1)/2)."""
+    n_params = params.shape[1]
+    block_size = int(round((1 + (1 + 8 * n_params) ** 0.5) / 2))
+    return cayley(skew_symmetric(params.float() * scale, block_size))
+
+
+def transform(weight: torch.Tensor, params: dict[str, torch.Tensor], scale: float = 1.0, config: dict | None = None) -> torch.Tensor:
+    """The rotated weight W R^T of one layer, from its OFT tensors; `scale` interpolates the generator.
+
+    Example:
+        >>> w = torch.randn(4, 8)
+        >>> torch.equal(transform(w, {PARAM: torch.zeros(2, 6)}), w)
+        True
+    """
+    flat = weight.reshape(weight.shape[0], -1)
+    rotated = rotate_weight(flat.float(), rotations(params[PARAM], scale))
+    return rotated.reshape(weight.shape).to(weight.dtype)
 
 
 class OFTLayer(nn.Module):
@@ -74,18 +99,11 @@ class OFTLayer(nn.Module):
         self.oft_R = nn.Parameter(torch.zeros(n_blocks, n_params, device=base_layer.weight.device))
         self.scale = 1.0
 
-    def rotations(self) -> torch.Tensor:
-        """The blocks R_i, (n_blocks, b, b), at the current scale (scale interpolates the skew generator)."""
+    def rotated_weight(self) -> torch.Tensor:
         if self.coft and self.training:
             with torch.no_grad():
                 self.oft_R.copy_(project_coft(self.oft_R, self.block_size, self.eps))
-        params = self.oft_R.float() * self.scale
-        return cayley(skew_symmetric(params, self.block_size))
-
-    def rotated_weight(self) -> torch.Tensor:
-        base = self.base_layer.weight
-        rotated = rotate_weight(flat_weight(self.base_layer).float(), self.rotations())
-        return rotated.reshape(base.shape).to(base.dtype)
+        return transform(self.base_layer.weight, {PARAM: self.oft_R}, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale == 0:

@@ -62,6 +62,24 @@ def smallest_indices(weight: torch.Tensor, fraction: float) -> tuple[torch.Tenso
     return indices, threshold
 
 
+INDICES = "sara_indices"  # our keys under each wrapped module: flat indices (int64) and deltas
+VALUES = "sara_values"
+PARAMS = (INDICES, VALUES)
+KEY_PREFIX = "unet."
+
+
+def transform(weight: torch.Tensor, params: dict[str, torch.Tensor], scale: float = 1.0, config: dict | None = None) -> torch.Tensor:
+    """W with `scale` x the sparse delta scatter-added at its flat indices.
+
+    Example:
+        >>> w = torch.zeros(2, 2)
+        >>> transform(w, {INDICES: torch.tensor([3]), VALUES: torch.tensor([0.5])}).tolist()
+        [[0.0, 0.0], [0.0, 0.5]]
+    """
+    flat = weight.reshape(-1).index_add(0, params[INDICES].to(weight.device), params[VALUES].to(weight) * scale)
+    return flat.view_as(weight)
+
+
 class _SparseDelta(torch.autograd.Function):
     """y = layer(x; W + scatter(values)) with only the masked weight gradient kept."""
 

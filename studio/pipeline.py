@@ -164,7 +164,7 @@ def load(
     Example:
         >>> pipe = load("toy", device="cpu")
         >>> pipe.unet.config.sample_size
-        8
+        16
     """
     from diffusers import DiffusionPipeline
 

@@ -6,7 +6,7 @@ one stage (`--restart` clears it):
 1. data       render the training set (seen shapes only) and the evaluator set (all shapes)
 2. tokenizer  byte-level BPE learned on the captions, saved as a `CLIPTokenizer`
 3. clip       mini-CLIP trained contrastively on (image, caption) pairs
-4. vae        a small `AutoencoderKL` (32 px -> 8x8x4 latents)
+4. vae        a small `AutoencoderKL` (32 px -> 16x16x4 latents)
 5. evaluator  the attribute classifier, on renders of every shape
 6. unet       a `UNet2DConditionModel` on cached latents, 10% caption dropout, EMA
 
@@ -66,11 +66,11 @@ class PretrainConfig:
     eval_images: int = 30000
     clip_steps: int = 1000
     clip_batch: int = 128
-    vae_steps: int = 2000
+    vae_steps: int = 1200
     vae_batch: int = 32
     evaluator_steps: int = 2000
     evaluator_batch: int = 128
-    unet_steps: int = 12000
+    unet_steps: int = 8000
     unet_batch: int = 64
     unet_lr: float = 1e-3
     caption_dropout: float = 0.1
@@ -271,12 +271,15 @@ def make_vae():
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
+        # Two blocks: 2x downsampling to 16x16x4 latents. At 4x (8x8) the objects, 10-15 px
+        # wide, span 2-4 latent cells and a small VAE loses their textures and corners.
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=8,
+        norm_num_groups=16,
+        mid_block_add_attention=False,  # 256 latent tokens: attention costs more than it helps here
         sample_size=RESOLUTION,
     )
 
@@ -369,16 +372,17 @@ def make_unet():
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=RESOLUTION // 4,
+        sample_size=RESOLUTION // 2,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(64, 96),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 96),
+        # No attention at 16x16 (the cost), cross-attention at 8x8 and 4x4.
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         layers_per_block=1,
         cross_attention_dim=TEXT_DIM,
         attention_head_dim=4,
-        norm_num_groups=32,
+        norm_num_groups=16,
     )
 
 
