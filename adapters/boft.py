@@ -32,7 +32,7 @@ from torch import nn
 
 from studio.errors import StudioError
 from studio.orthogonal import cayley, rotate_weight
-from studio.targets import ATTENTION_PROJECTIONS, in_dim, layer_forward
+from studio.targets import ATTENTION_PROJECTIONS, in_dim, layer_forward, wrap_targets
 
 
 @dataclass
@@ -142,3 +142,18 @@ class BOFTLayer(nn.Module):
         if self.scale == 0:
             return self.base_layer(x)
         return layer_forward(self.base_layer, x, self.rotated_weight())
+
+
+def inject(model: nn.Module, config: BOFTConfig) -> list[str]:
+    """Wrap every target of `model` in a `BOFTLayer` (identity at init); return the wrapped names."""
+    return wrap_targets(model, config.target_modules, lambda layer: BOFTLayer(layer, config))
+
+
+def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Generators and scales of every `BOFTLayer`, under PEFT's keys."""
+    tensors = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, BOFTLayer):
+            tensors[f"{KEY_PREFIX}{name}.{R_PARAM}"] = layer.boft_R.detach().clone()
+            tensors[f"{KEY_PREFIX}{name}.{S_PARAM}"] = layer.boft_s.detach().clone()
+    return tensors

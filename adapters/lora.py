@@ -16,12 +16,12 @@ Example:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from studio.targets import ATTENTION_PROJECTIONS
+from studio.targets import ATTENTION_PROJECTIONS, find_targets
 
 ADAPTER_NAME = "studio"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -73,18 +73,20 @@ def peft_config(config: LoRAConfig):
     )
 
 
-def inject(model: nn.Module, config: LoRAConfig) -> None:
-    """Add trainable LoRA layers to `model` (a diffusers model with PEFT support) and freeze the rest."""
+def inject(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Add trainable LoRA layers to `model` (a diffusers model with PEFT support), freeze the rest; return the targets."""
     model.requires_grad_(False)
+    names = find_targets(model, config.target_modules)
     model.add_adapter(peft_config(config), adapter_name=ADAPTER_NAME)
+    return names
 
 
-def state_dict(model: nn.Module, prefix: str = "unet") -> dict[str, torch.Tensor]:
+def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA tensors with diffusers' keys, e.g. `unet.down_blocks.0...to_q.lora_A.weight`."""
     from peft.utils import get_peft_model_state_dict
 
     tensors = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
-    return {f"{prefix}.{key}": value.detach().clone() for key, value in tensors.items()}
+    return {f"{KEY_PREFIX}{key}": value.detach().clone() for key, value in tensors.items()}
 
 
 def diffusers_metadata(config: LoRAConfig, prefix: str = "unet") -> dict[str, str]:
@@ -97,10 +99,3 @@ def diffusers_metadata(config: LoRAConfig, prefix: str = "unet") -> dict[str, st
     }
     return {LORA_METADATA_KEY: json.dumps({f"{prefix}.{k}": v for k, v in kwargs.items()}, sort_keys=True)}
 
-
-def config_from_dict(values: dict) -> LoRAConfig:
-    return LoRAConfig(**{k: v for k, v in values.items() if k in LoRAConfig.__dataclass_fields__})
-
-
-def config_dict(config: LoRAConfig) -> dict:
-    return asdict(config)

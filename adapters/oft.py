@@ -32,7 +32,7 @@ from torch import nn
 
 from studio.errors import StudioError
 from studio.orthogonal import cayley, rotate_weight, skew_symmetric
-from studio.targets import ATTENTION_PROJECTIONS, in_dim, layer_forward
+from studio.targets import ATTENTION_PROJECTIONS, in_dim, layer_forward, wrap_targets
 
 
 @dataclass
@@ -109,3 +109,17 @@ class OFTLayer(nn.Module):
         if self.scale == 0:
             return self.base_layer(x)
         return layer_forward(self.base_layer, x, self.rotated_weight())
+
+
+def inject(model: nn.Module, config: OFTConfig) -> list[str]:
+    """Wrap every target of `model` in an `OFTLayer` (identity at init); return the wrapped names."""
+    return wrap_targets(model, config.target_modules, lambda layer: OFTLayer(layer, config))
+
+
+def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The generators of every `OFTLayer`, under PEFT's keys."""
+    return {
+        f"{KEY_PREFIX}{name}.{PARAM}": layer.oft_R.detach().clone()
+        for name, layer in model.named_modules()
+        if isinstance(layer, OFTLayer)
+    }

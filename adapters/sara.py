@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from studio.errors import StudioError
+from studio.targets import wrap_targets
 
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 
@@ -194,3 +195,19 @@ class SaRALayer(nn.Module):
 def nuclear_norm(layer: SaRALayer) -> torch.Tensor:
     """||delta||_* (sum of singular values) of the layer's dense delta; its gradient is U V^T."""
     return torch.linalg.svdvals(layer.dense_delta().float()).sum()
+
+
+def inject(model: nn.Module, config: SaRAConfig) -> list[str]:
+    """Wrap every target of `model` in a `SaRALayer`; return the wrapped names."""
+    return wrap_targets(model, config.target_modules, lambda layer: SaRALayer(layer, config))
+
+
+def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every `SaRALayer`'s learned (flat index, delta) pairs."""
+    tensors = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, SaRALayer):
+            indices, values = layer.delta()
+            tensors[f"{KEY_PREFIX}{name}.{INDICES}"] = indices.clone()
+            tensors[f"{KEY_PREFIX}{name}.{VALUES}"] = values.clone()
+    return tensors

@@ -66,7 +66,11 @@ def fingerprint(model: torch.nn.Module, module_names: list[str]) -> dict:
     modules = dict(model.named_modules())
     layers = {}
     for name in module_names:
-        weight = getattr(modules.get(name), "weight", None)
+        module = modules.get(name)
+        # Look through adapter wrappers (ours and PEFT's keep the original as `base_layer`).
+        while module is not None and not hasattr(module, "weight") and hasattr(module, "base_layer"):
+            module = module.base_layer
+        weight = getattr(module, "weight", None)
         layers[name] = list(weight.shape) if weight is not None else None
     return {"model": type(model).__name__, "layers": layers}
 

@@ -69,3 +69,18 @@ def layer_forward(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> tor
     if isinstance(base, nn.Conv2d):
         return base._conv_forward(x, weight, base.bias)
     return F.linear(x, weight, base.bias)
+
+
+def wrap_targets(model: nn.Module, patterns: list[str], make_layer) -> list[str]:
+    """Replace every target layer by `make_layer(layer)`, freeze the rest of `model`; return the wrapped names.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> wrap_targets(net, ["0"], lambda layer: torch.nn.Sequential(layer))
+        ['0']
+    """
+    model.requires_grad_(False)
+    names = find_targets(model, patterns)
+    for name in names:
+        replace_module(model, name, make_layer(model.get_submodule(name)))
+    return names

@@ -1,0 +1,205 @@
+"""Training data: a folder of images with captions (kohya's convention) or a ShapesWorld spec.
+
+Folder convention (kohya sd-scripts): `img.png` + `img.txt` (or `.caption`)
+holding its caption. A sub-folder named `<N>_<text>` repeats its images N
+times and uses `<text>` as the caption of images without one; otherwise the
+`default_caption` (or the trigger word) is used. A trigger word is put in
+front of every caption that lacks it. Unreadable images are skipped with a
+warning naming each; a folder with none usable is an error.
+
+ShapesWorld spec: `shapesworld:shape=star,count=8,colors=red|green|blue,caption=a {color} sks,seed=0`
+renders `count` images of one shape in the listed colours (cycled), other
+attributes random, captioned from the template ({color}, {shape},
+{texture}, {position}, {background} are filled in).
+
+Images are sorted into aspect-ratio buckets of about `resolution`^2 pixels
+(sides multiples of `multiple`); each image is resized and centre-cropped to
+its bucket, and a batch never mixes buckets.
+
+Example:
+    >>> data = load_dataset("shapesworld:shape=star,count=4,caption=a {color} sks", resolution=32)
+    >>> len(data.examples), data.examples[0].caption
+    (4, 'a red sks')
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from studio.errors import StudioError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+SHAPESWORLD_PREFIX = "shapesworld:"
+
+
+@dataclass
+class Example:
+    image: Image.Image
+    caption: str
+    source: str
+
+
+@dataclass
+class Dataset:
+    """Examples (repeats already expanded), their buckets, and what was skipped."""
+
+    examples: list[Example]
+    buckets: list[tuple[int, int]] = field(default_factory=list)  # (width, height) per example
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {
+            "images": len(self.examples),
+            "buckets": sorted({f"{w}x{h}" for w, h in self.buckets}),
+            "skipped": len(self.skipped),
+            "skipped_files": self.skipped,
+        }
+
+
+def load_dataset(
+    spec: str,
+    resolution: int = 512,
+    default_caption: str | None = None,
+    trigger: str | None = None,
+    repeats: int = 1,
+    multiple: int = 8,
+) -> Dataset:
+    """A folder path or a `shapesworld:` spec -> a bucketed `Dataset`."""
+    if spec.startswith(SHAPESWORLD_PREFIX):
+        examples, skipped = shapesworld_examples(spec[len(SHAPESWORLD_PREFIX):], resolution), []
+    else:
+        examples, skipped = folder_examples(Path(spec), default_caption, trigger, repeats)
+    buckets = [bucket_for(ex.image.size, resolution, multiple) for ex in examples]
+    examples = [Example(fit_to_bucket(ex.image, b), ex.caption, ex.source) for ex, b in zip(examples, buckets)]
+    return Dataset(examples, buckets, skipped)
+
+
+def folder_examples(folder: Path, default_caption: str | None, trigger: str | None, repeats: int):
+    if not folder.is_dir():
+        raise StudioError(f"dataset folder {folder} not found; pass a folder of images with .txt captions, or shapesworld:SPEC")
+    examples: list[Example] = []
+    skipped: list[str] = []
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    for path in files:
+        folder_repeats, folder_caption = _folder_convention(path.parent, folder)
+        try:
+            with Image.open(path) as img:
+                img.load()
+                image = img.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
+            skipped.append(str(path))
+            continue
+        caption = _read_caption(path) or folder_caption or default_caption or trigger or ""
+        if trigger and trigger not in caption.split():
+            caption = f"{trigger} {caption}".strip()
+        examples.extend(Example(image, caption, str(path)) for _ in range(repeats * folder_repeats))
+    if not examples:
+        detail = f" ({len(skipped)} unreadable)" if skipped else ""
+        raise StudioError(f"no usable images in {folder}{detail}; supported: {', '.join(sorted(IMAGE_SUFFIXES))}")
+    return examples, skipped
+
+
+def _read_caption(image_path: Path) -> str | None:
+    for suffix in (".txt", ".caption"):
+        caption_path = image_path.with_suffix(suffix)
+        if caption_path.is_file():
+            return caption_path.read_text(encoding="utf-8", errors="replace").strip()
+    return None
+
+
+def _folder_convention(parent: Path, root: Path) -> tuple[int, str | None]:
+    """kohya's `<N>_<text>` sub-folders: N repeats, <text> as the fallback caption."""
+    if parent == root:
+        return 1, None
+    match = re.fullmatch(r"(\d+)_(.+)", parent.name)
+    return (int(match.group(1)), match.group(2)) if match else (1, None)
+
+
+def parse_shapesworld_spec(spec: str) -> dict:
+    """`shape=star,count=8,...` -> a dict, with defaults and checks.
+
+    Example:
+        >>> parse_shapesworld_spec("shape=star,count=2")["colors"][:2]
+        ['red', 'orange']
+    """
+    from studio.toy.render import COLORS, SHAPES
+
+    options = {"shape": "star", "count": "8", "colors": "|".join(COLORS), "caption": "a {color} {shape}", "seed": "0"}
+    for part in filter(None, spec.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in options:
+            raise StudioError(f"bad ShapesWorld spec part {part!r}; use key=value with keys {', '.join(options)}")
+        options[key.strip()] = value.strip()
+    if options["shape"] not in SHAPES:
+        raise StudioError(f"unknown shape {options['shape']!r} in ShapesWorld spec; choose one of {', '.join(SHAPES)}")
+    colors = options["colors"].split("|")
+    unknown = [c for c in colors if c not in COLORS]
+    if unknown:
+        raise StudioError(f"unknown colours {unknown} in ShapesWorld spec; choose from {', '.join(COLORS)}")
+    if not options["count"].isdigit() or int(options["count"]) < 1:
+        raise StudioError(f"ShapesWorld count must be a positive integer (got {options['count']!r})")
+    return {**options, "count": int(options["count"]), "colors": colors, "seed": int(options["seed"])}
+
+
+def shapesworld_examples(spec: str, resolution: int) -> list[Example]:
+    from studio.toy.render import ShapeSpec, random_jitter, random_spec, render
+
+    options = parse_shapesworld_spec(spec)
+    rng = np.random.default_rng(options["seed"])
+    examples = []
+    for i in range(options["count"]):
+        color = options["colors"][i % len(options["colors"])]
+        base = random_spec(rng)
+        spec_i = ShapeSpec(options["shape"], color, base.texture, base.background, base.size, base.position)
+        image = Image.fromarray(render(spec_i, resolution, resolution, random_jitter(rng)).image)
+        caption = options["caption"].format(
+            color=color, shape=options["shape"], texture=spec_i.texture, position=spec_i.position,
+            background=spec_i.background,
+        )
+        examples.append(Example(image, caption, f"shapesworld:{i}"))
+    return examples
+
+
+def bucket_for(size: tuple[int, int], resolution: int, multiple: int = 8) -> tuple[int, int]:
+    """The (width, height) of about resolution^2 pixels, sides multiples of `multiple`, closest to the image's aspect.
+
+    Example:
+        >>> bucket_for((1024, 512), 512, 64)
+        (704, 384)
+    """
+    width, height = size
+    aspect = width / height
+    area = resolution * resolution
+    bucket_w = max(multiple, int(round((area * aspect) ** 0.5 / multiple)) * multiple)
+    bucket_h = max(multiple, int(round((area / aspect) ** 0.5 / multiple)) * multiple)
+    return bucket_w, bucket_h
+
+
+def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
+    """Resize to cover the bucket, then centre-crop to it."""
+    if image.size == bucket:
+        return image
+    width, height = bucket
+    scale = max(width / image.width, height / image.height)
+    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.BICUBIC)
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+def bucket_batches(buckets: list[tuple[int, int]], batch_size: int, rng: np.random.Generator) -> list[list[int]]:
+    """Shuffled batches of example indices, each from one bucket (the last of a bucket may be short)."""
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for i, bucket in enumerate(buckets):
+        by_bucket.setdefault(bucket, []).append(i)
+    batches = []
+    for indices in by_bucket.values():
+        order = rng.permutation(indices).tolist()
+        batches.extend(order[i : i + batch_size] for i in range(0, len(order), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from studio.data import bucket_batches, bucket_for, load_dataset, parse_shapesworld_spec
+from studio.errors import StudioError
+
+
+def _image(path, size=(40, 24), color=(200, 10, 10)):
+    Image.new("RGB", size, color).save(path)
+
+
+def test_folder_captions_repeats_trigger_and_corrupt_files(tmp_path):
+    _image(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a red box\n")
+    _image(tmp_path / "b.jpg", (24, 40))
+    (tmp_path / "broken.png").write_bytes(b"not an image at all")
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "a.png").read_bytes()[:40])
+    sub = tmp_path / "3_toy block"
+    sub.mkdir()
+    _image(sub / "c.png")
+    with pytest.warns(UserWarning, match="skipping unreadable image .*broken.png"):
+        data = load_dataset(str(tmp_path), resolution=32, default_caption="a photo", trigger="sks")
+    captions = sorted(e.caption for e in data.examples)
+    assert captions == ["sks a photo", "sks a red box"] + ["sks toy block"] * 3
+    assert data.summary()["skipped"] == 2 and any("truncated.png" in s for s in data.skipped)
+    assert {e.image.size for e in data.examples} == set(data.buckets)
+    width, height = bucket_for((40, 24), 32)
+    assert width > height and abs(width * height - 32 * 32) < 0.1 * 32 * 32 and width % 8 == height % 8 == 0
+    assert bucket_for((24, 40), 32) == (height, width)
+
+
+def test_folder_without_usable_images_is_an_error(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"garbage")
+    with pytest.raises(StudioError, match=r"no usable images in .* \(1 unreadable\)"), pytest.warns(UserWarning):
+        load_dataset(str(tmp_path))
+    with pytest.raises(StudioError, match="not found"):
+        load_dataset(str(tmp_path / "missing"))
+
+
+def test_shapesworld_spec():
+    data = load_dataset("shapesworld:shape=star,count=6,colors=red|blue,caption=a {color} sks,seed=3", resolution=32)
+    assert [e.caption for e in data.examples] == ["a red sks", "a blue sks"] * 3
+    assert all(e.image.size == (32, 32) for e in data.examples)
+    again = load_dataset("shapesworld:shape=star,count=6,colors=red|blue,caption=a {color} sks,seed=3", resolution=32)
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(data.examples, again.examples))
+    with pytest.raises(StudioError, match="unknown shape 'blob'"):
+        parse_shapesworld_spec("shape=blob")
+    with pytest.raises(StudioError, match="bad ShapesWorld spec part 'n8'"):
+        parse_shapesworld_spec("n8")
+
+
+def test_bucket_batches_never_mix_buckets():
+    buckets = [(32, 32)] * 5 + [(40, 24)] * 3
+    batches = bucket_batches(buckets, 2, np.random.default_rng(0))
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    assert all(len({buckets[i] for i in b}) == 1 for b in batches)
