@@ -157,3 +157,8 @@ def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             tensors[f"{KEY_PREFIX}{name}.{R_PARAM}"] = layer.boft_R.detach().clone()
             tensors[f"{KEY_PREFIX}{name}.{S_PARAM}"] = layer.boft_s.detach().clone()
     return tensors
+
+
+def file_metadata(config) -> dict[str, str]:
+    """Extra header entries for our file (none beyond the studio header)."""
+    return {}

@@ -89,7 +89,7 @@ def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{KEY_PREFIX}{key}": value.detach().clone() for key, value in tensors.items()}
 
 
-def diffusers_metadata(config: LoRAConfig, prefix: str = "unet") -> dict[str, str]:
+def file_metadata(config: LoRAConfig, prefix: str = "unet") -> dict[str, str]:
     """The `lora_adapter_metadata` header entry diffusers reads to rebuild the LoraConfig."""
     kwargs = {
         "r": config.rank,

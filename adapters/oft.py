@@ -123,3 +123,8 @@ def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, layer in model.named_modules()
         if isinstance(layer, OFTLayer)
     }
+
+
+def file_metadata(config) -> dict[str, str]:
+    """Extra header entries for our file (none beyond the studio header)."""
+    return {}

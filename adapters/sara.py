@@ -211,3 +211,8 @@ def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             tensors[f"{KEY_PREFIX}{name}.{INDICES}"] = indices.clone()
             tensors[f"{KEY_PREFIX}{name}.{VALUES}"] = values.clone()
     return tensors
+
+
+def file_metadata(config) -> dict[str, str]:
+    """Extra header entries for our file (none beyond the studio header)."""
+    return {}

@@ -24,7 +24,7 @@ from studio.pipeline import SCHEDULERS, TOY_MODEL
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The flags every command that loads a base model shares."""
     parser.add_argument("--model", default=TOY_MODEL, help="'toy' (default), a diffusers folder, a .safetensors/.ckpt file, or a hub id")
-    parser.add_argument("--config", default=None, help="diffusers folder giving the architecture of a single-file --model")
+    parser.add_argument("--model-config", default=None, help="diffusers folder giving the architecture of a single-file --model")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     parser.add_argument("--xformers", action="store_true", help="use xformers attention (CUDA only)")
@@ -33,7 +33,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def load_model(args: argparse.Namespace):
     from studio.pipeline import load
 
-    return load(args.model, device=args.device, dtype=args.dtype, xformers=args.xformers, config=args.config)
+    return load(args.model, device=args.device, dtype=args.dtype, xformers=args.xformers, config=args.model_config)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -93,6 +93,88 @@ def cmd_toy_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    """Every `TrainConfig` field and every registered method's option as a flag; default None = not given."""
+    import dataclasses
+
+    from studio import registry
+    from studio.trainers.base import TrainConfig
+
+    parser.add_argument("--config", dest="config_file", default=None, help="TOML file whose keys are these flags")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("method_options", "model"):
+            continue
+        kind = "bool" if f.type in (bool, "bool") else None
+        if kind:
+            parser.add_argument(_flag(f.name), default=None, action=argparse.BooleanOptionalAction)
+        else:
+            parser.add_argument(_flag(f.name), default=None, help=f"default {f.default!r}")
+    seen = set()
+    for method in registry.METHODS.values():
+        config_cls = type(method.trainer.default_config({}))
+        for f in dataclasses.fields(config_cls):
+            if f.name not in seen:
+                seen.add(f.name)
+                parser.add_argument(_flag(f.name), default=None, help=f"{method.name} option")
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """Defaults < the TOML file < flags given on the command line."""
+    import dataclasses
+    import tomllib
+
+    from studio import registry
+    from studio.trainers.base import TrainConfig
+    from studio.trainers.options import config_from_options
+
+    values: dict = {}
+    if args.config_file:
+        path = Path(args.config_file)
+        if not path.is_file():
+            raise StudioError(f"config file {path} not found")
+        try:
+            values.update({k.replace("-", "_"): v for k, v in tomllib.loads(path.read_text()).items()})
+        except tomllib.TOMLDecodeError as err:
+            raise StudioError(f"{path} is not valid TOML: {err}") from None
+    values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "config_file")})
+    values.setdefault("model", args.model)
+    method = registry.get(values.get("method", TrainConfig.method))
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    method_fields = {f.name for f in dataclasses.fields(type(method.trainer.default_config({})))}
+    options = {k: v for k, v in values.items() if k in method_fields}
+    other = {k for k in values if k not in train_fields and k not in method_fields and k not in ("device", "dtype", "xformers")}
+    if other:
+        raise StudioError(f"unknown option(s) {sorted(other)} for method {method.name}")
+    config = config_from_options(TrainConfig, {k: v for k, v in values.items() if k in train_fields})
+    config.method_options = options
+    return config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from studio.trainers.base import train
+
+    config = train_config_from_args(args)
+    result = train(config)
+    print(json.dumps({"artifact": str(result.artifact), "steps": result.steps, "seconds": round(result.seconds, 1),
+                      "trainable_params": result.trainable_params, "final_loss": result.final_loss,
+                      "skipped_images": result.data_summary["skipped"]}))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from studio.artifact import read_header
+
+    header = read_header(args.file)
+    print(json.dumps({"method": header.method, "version": header.version, "config": header.config,
+                      "fingerprint": {"model": header.fingerprint.get("model"), "layers": len(header.fingerprint.get("layers", {}))},
+                      "metadata": sorted(header.extra)}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="studio", description="Diffusion Studio: customize and edit diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -111,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="default outputs/samples/<time>")
     add_model_args(p)
     p.set_defaults(func=cmd_sample)
+
+    p = commands.add_parser("train", help="train an adapter (lora, oft, boft, sara)")
+    p.add_argument("--model", default=TOY_MODEL, help="'toy' (default), a diffusers folder, a .safetensors file, or a hub id")
+    add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("inspect", help="print an artifact's header")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_inspect)
 
     toy = commands.add_parser("toy", help="the embedded ShapesWorld model").add_subparsers(dest="toy_command", required=True, metavar="TOY_COMMAND")
     p = toy.add_parser("pretrain", help="rebuild the toy model and evaluator from scratch")

@@ -144,7 +144,7 @@ def _load_single_file(path: Path, config: str | None, dtype: torch.dtype):
     except (OSError, ValueError) as err:
         raise StudioError(
             f"could not build a pipeline from {path} ({err}). Single-file loading needs the model's diffusers "
-            "config; offline, pass a local diffusers folder of the same architecture with --config"
+            "config; offline, pass a local diffusers folder of the same architecture with --model-config"
         ) from None
 
 

@@ -34,6 +34,10 @@ class Method:
     def adapter(self) -> ModuleType:
         return importlib.import_module(f"studio.adapters.{self.name}")
 
+    @property
+    def trainer(self) -> ModuleType:
+        return importlib.import_module(f"studio.trainers.{self.name}")
+
 
 METHODS: dict[str, Method] = {
     m.name: m

@@ -7,7 +7,7 @@ one stage (`--restart` clears it):
 2. tokenizer  byte-level BPE learned on the captions, saved as a `CLIPTokenizer`
 3. clip       mini-CLIP trained contrastively on (image, caption) pairs
 4. vae        a small `AutoencoderKL` (32 px -> 16x16x4 latents)
-5. evaluator  the attribute classifier, on renders of every shape
+5. evaluator  the attribute classifier, on renders of every shape and their VAE round trips
 6. unet       a `UNet2DConditionModel` on cached latents, 10% caption dropout, EMA
 
 Then the pipeline is assembled in diffusers layout (`assets/toy-model`) and the
@@ -38,13 +38,9 @@ from studio.toy.captions import random_caption
 from studio.toy.evaluator import ATTRIBUTES, ShapesEvaluator
 from studio.toy.render import (
     BACKGROUNDS,
-    COLORS,
-    HELDOUT_SHAPES,
+    POSITIONS,
     SEEN_SHAPES,
     SHAPES,
-    SIZES,
-    TEXTURES,
-    POSITIONS,
     ShapeSpec,
     random_jitter,
     random_spec,

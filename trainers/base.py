@@ -1,0 +1,231 @@
+"""The one training loop every adapter method runs on (accelerate).
+
+Read top to bottom: load the base pipeline, load and bucket the data, cache
+latents and text embeddings once, let the method wrap its layers, then a plain
+loop of noise -> predict -> loss -> step, with checkpoints, validation samples
+and the artifact written at the end.
+
+Every random choice of step k (which examples, which noise, which timesteps,
+caption dropout, adapter dropout) is drawn from generators seeded with
+(seed, k, process), so a run stopped at step k and resumed from its
+checkpoint ends with the same weights as one that never stopped.
+
+Example:
+    >>> from studio.trainers.base import TrainConfig, train  # doctest: +SKIP
+    >>> train(TrainConfig(method="lora", data="shapesworld:shape=star,count=8", max_train_steps=100))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from studio import registry
+from studio.artifact import fingerprint, save_artifact
+from studio.data import bucket_batches, load_dataset
+from studio.errors import StudioError
+from studio.pipeline import default_size, load
+
+CHECKPOINT_PATTERN = re.compile(r"step-(\d+)")
+
+
+@dataclass
+class TrainConfig:
+    """The loop's options; names match the CLI flags (and diffusers' example scripts where they exist)."""
+
+    method: str = "lora"
+    model: str = "toy"
+    data: str = ""
+    output_dir: str = "outputs/train"
+    resolution: int | None = None  # default: the model's own training size
+    train_batch_size: int = 4
+    learning_rate: float = 1e-4
+    max_train_steps: int = 500
+    seed: int = 0
+    mixed_precision: str = "no"  # no, fp16, bf16
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    checkpointing_steps: int = 0  # 0: only the final artifact
+    resume: str | None = None  # "latest" or a checkpoint folder
+    validation_prompt: str | None = None
+    validation_steps: int = 0
+    snr_gamma: float | None = None  # min-SNR weighting (Hang et al. 2023); 5.0 is the usual value
+    noise_offset: float = 0.0
+    caption_dropout: float = 0.0
+    default_caption: str | None = None
+    trigger: str | None = None
+    repeats: int = 1
+    method_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    artifact: Path
+    steps: int
+    seconds: float
+    trainable_params: int
+    final_loss: float
+    data_summary: dict
+
+
+def _step_generators(seed: int, step: int, process: int) -> tuple[np.random.Generator, torch.Generator]:
+    key = [seed, step, process]
+    return np.random.default_rng(key), torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    folders = [p for p in (output_dir / "checkpoints").glob("step-*") if CHECKPOINT_PATTERN.fullmatch(p.name)]
+    return max(folders, key=lambda p: int(CHECKPOINT_PATTERN.fullmatch(p.name).group(1))) if folders else None
+
+
+@torch.no_grad()
+def cache_examples(pipe, dataset) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+    """VAE posterior (mean, std) per example and text embeddings per distinct caption (and the empty one)."""
+    latents = []
+    for example in tqdm(dataset.examples, desc="cache latents", leave=False):
+        pixels = torch.from_numpy(np.asarray(example.image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        dist = pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist
+        latents.append((dist.mean[0].float().cpu(), dist.std[0].float().cpu()))
+    captions = sorted({e.caption for e in dataset.examples} | {""})
+    embeddings = {}
+    for caption in captions:
+        ids = pipe.tokenizer(caption, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        embeddings[caption] = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0][0].float().cpu()
+    return latents, embeddings
+
+
+def train(config: TrainConfig, method_config=None) -> TrainResult:
+    """Train `config.method` on `config.data` and write `<output_dir>/<method>.safetensors`."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    method = registry.get(config.method)
+    trainer = method.trainer
+    adapter = method.adapter
+    method_config = method_config or trainer.default_config(config.method_options)
+    output_dir = Path(config.output_dir)
+    if not config.data:
+        raise StudioError("no training data: pass --data DIR (images + .txt captions) or --data shapesworld:SPEC")
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    torch.manual_seed(config.seed)
+
+    # 1. The base model, frozen, and the data, cached once.
+    pipe = load(config.model, device=str(accelerator.device), dtype="fp32")
+    pipe.set_progress_bar_config(disable=True)
+    resolution = config.resolution or default_size(pipe)[0]
+    dataset = load_dataset(config.data, resolution, config.default_caption, config.trigger, config.repeats,
+                           multiple=pipe.vae_scale_factor * 2)
+    latents, embeddings = cache_examples(pipe, dataset)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    scaling = pipe.vae.config.scaling_factor
+
+    # 2. The method wraps its layers; only its parameters train.
+    unet = pipe.unet
+    names = adapter.inject(unet, method_config)
+    base_fingerprint = fingerprint(unet, names)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=trainer.WEIGHT_DECAY)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+
+    start_step = 0
+    if config.resume:
+        checkpoint = latest_checkpoint(output_dir) if config.resume == "latest" else Path(config.resume)
+        if checkpoint is None or not checkpoint.is_dir():
+            raise StudioError(f"no checkpoint to resume from ({config.resume}); checkpoints live in {output_dir / 'checkpoints'}")
+        accelerator.load_state(str(checkpoint))
+        start_step = int(CHECKPOINT_PATTERN.fullmatch(checkpoint.name).group(1))
+    accelerator.init_trackers("studio", config={k: str(v) for k, v in asdict(config).items()})
+
+    # 3. The loop.
+    start = time.time()
+    loss_value = math.nan
+    bar = tqdm(range(start_step, config.max_train_steps), initial=start_step, total=config.max_train_steps,
+               desc=f"train {config.method}", disable=not accelerator.is_local_main_process)
+    for step in bar:
+        rng, generator = _step_generators(config.seed, step, accelerator.process_index)
+        torch.manual_seed(int(rng.integers(2**31)))  # adapter dropout and the like
+        batch = bucket_batches(dataset.buckets, config.train_batch_size, rng)[0]
+        mean = torch.stack([latents[i][0] for i in batch])
+        std = torch.stack([latents[i][1] for i in batch])
+        sample = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
+        captions = [dataset.examples[i].caption if rng.random() >= config.caption_dropout else "" for i in batch]
+        text = torch.stack([embeddings[c] for c in captions])
+        noise = torch.randn(sample.shape, generator=generator)
+        if config.noise_offset:
+            noise += config.noise_offset * torch.randn(sample.shape[:2] + (1, 1), generator=generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=generator)
+        noisy = noise_scheduler.add_noise(sample, noise, timesteps)
+        target = noise if noise_scheduler.config.prediction_type == "epsilon" else noise_scheduler.get_velocity(sample, noise, timesteps)
+        device = accelerator.device
+        with accelerator.accumulate(unet):
+            pred = unet(noisy.to(device), timesteps.to(device), text.to(device)).sample.float()
+            per_example = F.mse_loss(pred, target.to(device), reduction="none").mean(dim=(1, 2, 3))
+            if config.snr_gamma:
+                snr = compute_snr(noise_scheduler, timesteps).to(device)
+                weight = torch.clamp(snr, max=config.snr_gamma) / snr
+                if noise_scheduler.config.prediction_type == "v_prediction":
+                    weight = torch.clamp(snr, max=config.snr_gamma) / (snr + 1)
+                per_example = per_example * weight
+            loss = per_example.mean() + trainer.extra_loss(accelerator.unwrap_model(unet), method_config, rng)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        trainer.after_step(accelerator.unwrap_model(unet), method_config, step + 1, config.max_train_steps, optimizer)
+        loss_value = float(loss.detach())
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        accelerator.log({"loss": loss_value}, step=step + 1)
+
+        if config.checkpointing_steps and (step + 1) % config.checkpointing_steps == 0 and step + 1 < config.max_train_steps:
+            accelerator.save_state(str(output_dir / "checkpoints" / f"step-{step + 1}"))
+        if config.validation_prompt and config.validation_steps and (step + 1) % config.validation_steps == 0:
+            _validate(pipe, config, step + 1, output_dir, accelerator)
+
+    # 4. The artifact.
+    accelerator.wait_for_everyone()
+    artifact = output_dir / f"{config.method}.safetensors"
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(unet)
+        save_artifact(
+            artifact, adapter.state_dict(model), config.method, asdict(method_config), base_fingerprint,
+            extra_metadata=adapter.file_metadata(method_config),
+        )
+        (output_dir / "summary.json").write_text(json.dumps(
+            {"steps": config.max_train_steps, "trainable_params": trainable, "final_loss": loss_value,
+             "seconds": round(time.time() - start, 2), "data": dataset.summary(), "config": asdict(config)}, indent=2))
+    accelerator.end_training()
+    return TrainResult(artifact, config.max_train_steps, time.time() - start, trainable, loss_value, dataset.summary())
+
+
+@torch.no_grad()
+def _validate(pipe, config: TrainConfig, step: int, output_dir: Path, accelerator) -> None:
+    if not accelerator.is_main_process:
+        return
+    was_training = pipe.unet.training
+    pipe.unet.eval()
+    images = pipe(config.validation_prompt, num_inference_steps=20, num_images_per_prompt=4,
+                  generator=torch.Generator().manual_seed(config.seed)).images
+    folder = output_dir / "validation" / f"step-{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(folder / f"{i}.png")
+    pipe.unet.train(was_training)
