@@ -571,8 +571,14 @@ def pretrain(
         t0 = time.time()
         finished = marker is not None and (work / name / marker).exists()
         result = load(work / name) if finished else train(work / name)
-        timings[name] = round(time.time() - t0, 1)
-        tqdm.write(f"[pretrain] {name} done in {timings[name]:.0f}s (total {time.time() - start:.0f}s)")
+        seconds = round(time.time() - t0, 1)
+        # What the stage cost when it was trained, kept beside it, so a resumed run still reports it.
+        cost_file = work / f"{name}.seconds"
+        if not finished:
+            cost_file.write_text(str(seconds))
+        timings[name] = float(cost_file.read_text()) if cost_file.exists() else seconds
+        tqdm.write(f"[pretrain] {name} {'reused' if finished else 'done'} in {seconds:.0f}s "
+                   f"(trained in {timings[name]:.0f}s; this run {time.time() - start:.0f}s)")
         return result
 
     def render_both(_folder):
@@ -605,9 +611,11 @@ def pretrain(
     if Path(output_evaluator).exists():
         shutil.rmtree(output_evaluator)
     shutil.copytree(work / "evaluator", output_evaluator)
-    timings["total"] = round(time.time() - start, 1)
-    (Path(output_model) / "pretrain.json").write_text(
-        json.dumps({"config": asdict(cfg), "seconds": timings, "torch_threads": torch.get_num_threads()}, indent=2)
-    )
-    tqdm.write(f"[pretrain] wall time {timings['total'] / 60:.1f} min; model in {output_model}")
+    timings["total"] = round(sum(timings.values()), 1)
+    this_run = round(time.time() - start, 1)
+    (Path(output_model) / "pretrain.json").write_text(json.dumps(
+        {"config": asdict(cfg), "stage_seconds": timings, "this_run_seconds": this_run,
+         "torch_threads": torch.get_num_threads()}, indent=2))
+    tqdm.write(f"[pretrain] wall time {timings['total'] / 60:.1f} min in all stages "
+               f"({this_run / 60:.1f} min in this run, the rest reused); model in {output_model}")
     return timings
