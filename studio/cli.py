@@ -37,7 +37,7 @@ def load_model(args: argparse.Namespace):
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from studio.sample import read_prompts_file, sample
+    from studio.sample import SampleSettings, read_prompts_file, sample
 
     prompts = list(args.prompts)
     if args.prompts_file:
@@ -45,12 +45,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if not prompts:
         raise StudioError("no prompt given: pass at least one prompt, or --prompts-file with one prompt per line")
     output_dir = Path(args.output_dir or Path("outputs") / "samples" / time.strftime("%Y%m%d-%H%M%S"))
-    pipe = load_model(args)
-    result = sample(
-        pipe,
-        prompts,
-        seeds=args.seed,
-        output_dir=output_dir,
+    settings = dict(
         negative_prompt=args.negative_prompt,
         steps=args.steps,
         guidance_scale=args.guidance_scale,
@@ -59,6 +54,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         height=args.height,
         batch_size=args.batch_size,
     )
+    SampleSettings(prompts=prompts, seeds=args.seed, **settings).validate()  # before the (slow) model load
+    pipe = load_model(args)
+    result = sample(pipe, prompts, seeds=args.seed, output_dir=output_dir, **settings)
     print(f"wrote {len(result.files)} images, grid.png and settings.json to {result.output_dir} in {result.seconds:.1f}s")
     return 0
 

@@ -92,7 +92,7 @@ def cache_examples(pipe, dataset) -> tuple[list[tuple[torch.Tensor, torch.Tensor
     """VAE posterior (mean, std) per example and text embeddings per distinct caption (and the empty one)."""
     latents = []
     for example in tqdm(dataset.examples, desc="cache latents", leave=False):
-        pixels = torch.from_numpy(np.asarray(example.image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        pixels = torch.from_numpy(np.array(example.image)).permute(2, 0, 1)[None].float() / 127.5 - 1
         dist = pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist
         latents.append((dist.mean[0].float().cpu(), dist.std[0].float().cpu()))
     captions = sorted({e.caption for e in dataset.examples} | {""})
@@ -195,7 +195,7 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
         bar.set_postfix(loss=f"{loss_value:.4f}")
         accelerator.log({"loss": loss_value}, step=step + 1)
 
-        if config.checkpointing_steps and (step + 1) % config.checkpointing_steps == 0 and step + 1 < config.max_train_steps:
+        if config.checkpointing_steps and (step + 1) % config.checkpointing_steps == 0:
             accelerator.save_state(str(output_dir / "checkpoints" / f"step-{step + 1}"))
         if config.validation_prompt and config.validation_steps and (step + 1) % config.validation_steps == 0:
             _validate(pipe, config, step + 1, output_dir, accelerator)

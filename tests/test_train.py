@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from studio import plugin
+from studio.artifact import read_header
+from studio.cli import main
+from studio.errors import StudioError
+from studio.pipeline import load
+from studio.trainers.base import TrainConfig, train
+
+STAR = "shapesworld:shape=star,count=4,colors=red|blue,caption=a {color} sks"
+
+
+@pytest.mark.parametrize("method, options", [
+    ("lora", {"rank": 2}),
+    ("oft", {"block_size": 8}),
+    ("boft", {"block_size": 4, "n_butterfly_factor": 2}),
+    ("sara", {"fraction": 0.05}),
+])
+def test_each_method_trains_and_applies(method, options, tmp_path):
+    config = TrainConfig(method=method, data=STAR, output_dir=str(tmp_path), max_train_steps=4, train_batch_size=2,
+                         learning_rate=1e-3, method_options=options)
+    result = train(config)
+    header = read_header(result.artifact)
+    assert header.method == method and result.trainable_params > 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["data"]["images"] == 4
+    pipe = load("toy")
+    plugin.apply(pipe, result.artifact)
+    image = pipe("a red sks", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (32, 32, 3)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    def run(folder, steps, resume=None):
+        return train(TrainConfig(method="lora", data=STAR, output_dir=str(folder), max_train_steps=steps,
+                                 train_batch_size=2, learning_rate=1e-3, checkpointing_steps=3, resume=resume,
+                                 method_options={"rank": 2, "dropout": 0.1}))
+
+    straight = load_file(str(run(tmp_path / "a", 6).artifact))
+    run(tmp_path / "b", 3)  # as if stopped at step 3, right after its checkpoint
+    resumed = load_file(str(run(tmp_path / "b", 6, resume="latest").artifact))
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_cli_train_with_toml_and_flag_override(tmp_path, capsys):
+    job = tmp_path / "job.toml"
+    job.write_text(f'method = "oft"\ndata = "{STAR}"\nmax-train-steps = 50\nblock-size = 8\ntrain-batch-size = 2\n')
+    code = main(["train", "--config", str(job), "--max-train-steps", "2", "--output-dir", str(tmp_path / "out")])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["steps"] == 2 and out["artifact"].endswith("oft.safetensors")
+    assert main(["inspect", out["artifact"]]) == 0
+    assert '"method": "oft"' in capsys.readouterr().out
+
+
+def test_bad_training_input(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "nothing"), "--output-dir", str(tmp_path)]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["train", "--method", "dora", "--data", STAR]) == 2
+    assert "unknown method 'dora'" in capsys.readouterr().err
+    with pytest.raises(StudioError, match="no checkpoint to resume"):
+        train(TrainConfig(data=STAR, output_dir=str(tmp_path / "fresh"), resume="latest", max_train_steps=1))
