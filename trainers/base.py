@@ -186,11 +186,14 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
                 if noise_scheduler.config.prediction_type == "v_prediction":
                     weight = torch.clamp(snr, max=config.snr_gamma) / (snr + 1)
                 per_example = per_example * weight
-            loss = per_example.mean() + trainer.extra_loss(accelerator.unwrap_model(unet), method_config, rng)
+            loss = per_example.mean()
+            if hasattr(trainer, "extra_loss"):  # a method's own term, e.g. SaRA's nuclear norm
+                loss = loss + trainer.extra_loss(accelerator.unwrap_model(unet), method_config, rng)
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        trainer.after_step(accelerator.unwrap_model(unet), method_config, step + 1, config.max_train_steps, optimizer)
+        if hasattr(trainer, "after_step"):  # e.g. SaRA's progressive re-selection
+            trainer.after_step(accelerator.unwrap_model(unet), method_config, step + 1, config.max_train_steps, optimizer)
         loss_value = float(loss.detach())
         bar.set_postfix(loss=f"{loss_value:.4f}")
         accelerator.log({"loss": loss_value}, step=step + 1)
