@@ -36,7 +36,27 @@ def load_model(args: argparse.Namespace):
     return load(args.model, device=args.device, dtype=args.dtype, xformers=args.xformers, config=args.model_config)
 
 
+def parse_adapter_arg(spec: str) -> tuple[Path, float]:
+    """`FILE[:SCALE]` -> (path, scale); the scale defaults to 1.
+
+    Example:
+        >>> parse_adapter_arg("star.safetensors:0.8")
+        (PosixPath('star.safetensors'), 0.8)
+    """
+    path, sep, scale = spec.rpartition(":")
+    if sep:
+        try:
+            return Path(path), float(scale)
+        except ValueError:
+            pass  # a ':' inside the path, no scale
+    path = Path(spec)
+    if not path.is_file():
+        raise StudioError(f"adapter file {path} not found (use --adapter FILE[:SCALE])")
+    return path, 1.0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
+    from studio import plugin
     from studio.sample import SampleSettings, read_prompts_file, sample
 
     prompts = list(args.prompts)
@@ -55,8 +75,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     SampleSettings(prompts=prompts, seeds=args.seed, **settings).validate()  # before the (slow) model load
+    adapters = [parse_adapter_arg(spec) for spec in args.adapter]
     pipe = load_model(args)
-    result = sample(pipe, prompts, seeds=args.seed, output_dir=output_dir, **settings)
+    for path, scale in adapters:
+        plugin.apply(pipe, path, scale)
+    result = sample(pipe, prompts, seeds=args.seed, output_dir=output_dir,
+                    record={"adapters": [{"file": str(p), "scale": s} for p, s in adapters]}, **settings)
     print(f"wrote {len(result.files)} images, grid.png and settings.json to {result.output_dir} in {result.seconds:.1f}s")
     return 0
 
@@ -189,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None, help="multiple of 8 (default: the model's training size)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--output-dir", default=None, help="default outputs/samples/<time>")
+    p.add_argument("--adapter", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a studio artifact at a scale (repeatable; they compose in order)")
     add_model_args(p)
     p.set_defaults(func=cmd_sample)
 

@@ -130,11 +130,13 @@ def sample(
     seeds: list[int] | None = None,
     output_dir: str | Path | None = None,
     progress: bool = True,
+    record: dict | None = None,
     **settings,
 ) -> SampleResult:
     """Generate images and, if `output_dir` is given, write `NNNN-seedS.png`, `grid.png` and `settings.json`.
 
-    Extra keyword arguments are `SampleSettings` fields (steps, guidance_scale, ...).
+    Extra keyword arguments are `SampleSettings` fields (steps, guidance_scale, ...); `record` adds
+    entries to settings.json (e.g. the adapters that were applied).
 
     Example:
         >>> from studio.pipeline import load
@@ -168,6 +170,7 @@ def sample(
             "model": str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", "")),
             "images": records,
             "seconds": round(seconds, 2),
+            **(record or {}),
         }
         (folder / "settings.json").write_text(json.dumps(meta, indent=2))
     return SampleResult(images=images, files=files, output_dir=folder, seconds=seconds)

@@ -65,3 +65,18 @@ def test_bad_training_input(tmp_path, capsys):
     assert "unknown method 'dora'" in capsys.readouterr().err
     with pytest.raises(StudioError, match="no checkpoint to resume"):
         train(TrainConfig(data=STAR, output_dir=str(tmp_path / "fresh"), resume="latest", max_train_steps=1))
+
+
+def test_cli_sample_with_adapters(tmp_path, capsys):
+    result = train(TrainConfig(method="lora", data=STAR, output_dir=str(tmp_path / "lora"), max_train_steps=2,
+                               train_batch_size=2, method_options={"rank": 2}))
+    other = train(TrainConfig(method="sara", data=STAR, output_dir=str(tmp_path / "sara"), max_train_steps=2,
+                              train_batch_size=2, method_options={"fraction": 0.05}))
+    out = tmp_path / "samples"
+    code = main(["sample", "a red sks", "--adapter", f"{result.artifact}:0.8", "--adapter", str(other.artifact),
+                 "--steps", "2", "--output-dir", str(out)])
+    assert code == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["adapters"] == [{"file": str(result.artifact), "scale": 0.8}, {"file": str(other.artifact), "scale": 1.0}]
+    assert main(["sample", "a red sks", "--adapter", str(tmp_path / "missing.safetensors"), "--output-dir", str(out)]) == 2
+    assert "adapter file" in capsys.readouterr().err
