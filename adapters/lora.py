@@ -99,3 +99,7 @@ def file_metadata(config: LoRAConfig, prefix: str = "unet") -> dict[str, str]:
     }
     return {LORA_METADATA_KEY: json.dumps({f"{prefix}.{k}": v for k, v in kwargs.items()}, sort_keys=True)}
 
+
+def peft_adapter_config(config: dict) -> dict:
+    """The `adapter_config.json` PEFT needs for our file."""
+    return peft_config(LoRAConfig(**config)).to_dict()

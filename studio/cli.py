@@ -197,6 +197,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from studio.convert import to_peft
+
+    print(f"wrote {to_peft(args.file, args.output)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="studio", description="Diffusion Studio: customize and edit diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -222,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=TOY_MODEL, help="'toy' (default), a diffusers folder, a .safetensors file, or a hub id")
     add_train_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("convert", help="write an artifact in another tool's layout")
+    p.add_argument("file")
+    p.add_argument("--to", required=True, choices=["peft"], help="peft: a PEFT adapter folder (LoRA, OFT, BOFT)")
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=cmd_convert)
 
     p = commands.add_parser("inspect", help="print an artifact's header")
     p.add_argument("file")

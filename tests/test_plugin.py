@@ -113,3 +113,43 @@ def test_unknown_names_are_explained(tmp_path):
         plugin.set_scale(pipe, "nope", 1.0)
     with pytest.raises(StudioError, match="unknown method 'dora'"):
         registry.get("dora")
+
+
+@pytest.mark.parametrize("method", ["lora", "oft"])
+def test_peft_loads_the_converted_file_with_the_same_outputs(method, tmp_path):
+    from peft import PeftModel
+
+    from studio.cli import main
+
+    path, trained = _trained_artifact(method, tmp_path)
+    assert main(["convert", str(path), "--to", "peft", "--output", str(tmp_path / "peft")]) == 0
+    pipe = tiny_sd_pipeline()
+    pipe.unet = PeftModel.from_pretrained(pipe.unet, str(tmp_path / "peft"))
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 8, 8, generator=generator)
+    text = torch.randn(1, 6, 32, generator=generator)
+    with torch.no_grad():
+        out = pipe.unet(sample, 10, text).sample
+    assert torch.allclose(out, trained, atol=1e-4)
+
+
+def test_boft_single_factor_converts_to_peft(tmp_path):
+    from peft import PeftModel
+
+    from studio.convert import to_peft
+
+    adapter = registry.get("boft").adapter
+    config = adapter.BOFTConfig(block_size=4, n_butterfly_factor=1)
+    pipe = tiny_sd_pipeline()
+    names = adapter.inject(pipe.unet, config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    path = save_artifact(tmp_path / "boft.safetensors", adapter.state_dict(pipe.unet), "boft", asdict(config),
+                         fingerprint(pipe.unet, names))
+    trained = _unet_output(pipe)
+    fresh = tiny_sd_pipeline()
+    fresh.unet = PeftModel.from_pretrained(fresh.unet, str(to_peft(path, tmp_path / "peft")))
+    assert torch.allclose(_unet_output(fresh), trained, atol=1e-4)
