@@ -80,3 +80,23 @@ def test_cli_sample_with_adapters(tmp_path, capsys):
     assert settings["adapters"] == [{"file": str(result.artifact), "scale": 0.8}, {"file": str(other.artifact), "scale": 1.0}]
     assert main(["sample", "a red sks", "--adapter", str(tmp_path / "missing.safetensors"), "--output-dir", str(out)]) == 2
     assert "adapter file" in capsys.readouterr().err
+
+
+def test_stock_load_lora_weights_accepts_our_lora(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from studio.pipeline import toy_model_path
+
+    result = train(TrainConfig(method="lora", data=STAR, output_dir=str(tmp_path), max_train_steps=3,
+                               train_batch_size=2, learning_rate=1e-2, method_options={"rank": 2, "alpha": 4}))
+    stock = StableDiffusionPipeline.from_pretrained(str(toy_model_path()))
+    ours = load("toy")
+    generator = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(1, 4, 16, 16, generator=generator), torch.randn(1, 32, 128, generator=generator)
+    with torch.no_grad():
+        base = stock.unet(sample, 10, text).sample
+        stock.load_lora_weights(str(result.artifact))
+        plugin.apply(ours, result.artifact)
+        via_diffusers, via_plugin = stock.unet(sample, 10, text).sample, ours.unet(sample, 10, text).sample
+    assert not torch.allclose(via_diffusers, base, atol=1e-6)
+    assert torch.allclose(via_diffusers, via_plugin, atol=1e-5)
