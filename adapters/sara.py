@@ -30,14 +30,14 @@ Example:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from studio.errors import StudioError
-from studio.targets import wrap_targets
+from studio.targets import layer_forward, wrap_targets
 
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 
@@ -81,18 +81,25 @@ def transform(weight: torch.Tensor, params: dict[str, torch.Tensor], scale: floa
     return flat.view_as(weight)
 
 
+@contextmanager
+def _patched(layer: nn.Module, indices: torch.Tensor, values: torch.Tensor):
+    """The frozen weight with the deltas written in place, restored bit-exactly on exit."""
+    flat = layer.weight.data.view(-1)
+    originals = flat[indices].clone()
+    flat[indices] = originals + values.to(flat.dtype)
+    try:
+        yield layer.weight.data
+    finally:
+        flat[indices] = originals
+
+
 class _SparseDelta(torch.autograd.Function):
     """y = layer(x; W + scatter(values)) with only the masked weight gradient kept."""
 
     @staticmethod
     def forward(ctx, x, values, layer, indices):
-        flat = layer.weight.data.view(-1)
-        originals = flat[indices].clone()
-        flat[indices] = originals + values.to(flat.dtype)
-        try:
-            out = _layer_op(layer, x, layer.weight.data)
-        finally:
-            flat[indices] = originals
+        with _patched(layer, indices, values) as weight:
+            out = layer_forward(layer, x, weight)
         ctx.layer = layer
         ctx.save_for_backward(x, values, indices)
         return out
@@ -101,22 +108,13 @@ class _SparseDelta(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, values, indices = ctx.saved_tensors
         layer = ctx.layer
-        flat = layer.weight.data.view(-1)
-        originals = flat[indices].clone()
-        flat[indices] = originals + values.to(flat.dtype)
-        try:
-            grad_x = _input_grad(layer, x, grad_out) if ctx.needs_input_grad[0] else None
-        finally:
-            flat[indices] = originals
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            with _patched(layer, indices, values):
+                grad_x = _input_grad(layer, x, grad_out)
         grad_weight = _weight_grad(layer, x, grad_out)
         grad_values = grad_weight.reshape(-1)[indices].to(values.dtype)
         return grad_x, grad_values, None, None
-
-
-def _layer_op(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if isinstance(layer, nn.Conv2d):
-        return layer._conv_forward(x, weight, layer.bias)
-    return F.linear(x, weight, layer.bias)
 
 
 def _input_grad(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:

@@ -144,7 +144,6 @@ def sample(
         2
     """
     config = SampleSettings(prompts=list(prompts), seeds=list(seeds or [0]), **settings)
-    config.validate()
     start = time.time()
     images = generate(pipe, config, progress=progress)
     seconds = time.time() - start

@@ -427,16 +427,6 @@ def cache_latents(vae, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(means), torch.cat(stds)
 
 
-def probe_prompts(n: int, seed: int) -> tuple[list[str], list[ShapeSpec]]:
-    """Fully specified prompts over seen shapes, for quick in-training checks."""
-    from studio.toy.captions import caption_from_parts
-
-    rng = np.random.default_rng(seed)
-    specs = [random_spec(rng) for _ in range(n)]
-    prompts = [caption_from_parts(s.shape, s.color, s.texture, position=s.position) for s in specs]
-    return prompts, specs
-
-
 def train_unet(cfg: PretrainConfig, data: dict, tokenizer, text_encoder, vae, evaluator, folder: Path):
     from diffusers.training_utils import EMAModel
 
@@ -519,16 +509,13 @@ def quick_check(unet, vae, tokenizer, text_encoder, evaluator, seed: int, n: int
     """Sample `n` probe prompts (20 steps, guidance 5) and score them: is conditioning learned yet?"""
     pipe = assemble_pipeline(tokenizer, text_encoder, None, vae, unet)
     pipe.set_progress_bar_config(disable=True)
-    prompts, specs = probe_prompts(n, seed + 99)
+    from studio.eval import score
+    from studio.toy.report import seen_prompt_set
+
+    prompts, expected = seen_prompt_set(n, seed + 99)
     images = pipe(prompts, num_inference_steps=20, guidance_scale=5.0, output_type="pt",
                   generator=torch.Generator().manual_seed(seed)).images
-    logits, _ = evaluator(images.float())
-    scores = {}
-    for name in ("shape", "color", "texture", "position"):
-        predicted = logits[name].argmax(1).tolist()
-        truth = [ATTRIBUTES[name].index(getattr(s, name)) for s in specs]
-        scores[name] = round(float(np.mean([p == t for p, t in zip(predicted, truth)])), 3)
-    return scores
+    return {k: round(v, 3) for k, v in score(images, expected, evaluator).accuracy().items()}
 
 
 # ----------------------------------------------------------------------------- driver

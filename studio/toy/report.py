@@ -32,7 +32,7 @@ def seen_prompt_set(n: int, seed: int = 0) -> tuple[list[str], list[dict]]:
     """
     combos = list(itertools.product(SEEN_SHAPES, COLORS, TEXTURES, POSITIONS))
     order = np.random.default_rng(seed).permutation(len(combos))
-    picks = [combos[i % len(combos)] for i in order[:n]] if n <= len(combos) else [combos[i % len(combos)] for i in range(n)]
+    picks = [combos[order[i % len(combos)]] for i in range(n)]
     prompts = [caption_from_parts(s, c, t, position=p) for s, c, t, p in picks]
     expected = [{"shape": s, "color": c, "texture": t, "position": p} for s, c, t, p in picks]
     return prompts, expected
