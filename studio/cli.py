@@ -104,6 +104,11 @@ def cmd_toy_report(args: argparse.Namespace) -> int:
         pipe, n_images=args.images, n_heldout=args.heldout_images, steps=args.steps,
         guidance_scale=args.guidance_scale, seed=args.seed, progress=not args.json,
     )
+    return print_result(result, args)
+
+
+def print_result(result: dict, args: argparse.Namespace) -> int:
+    """Write `result` to `--output` (if given) and print it: one JSON line with `--json`, else a table."""
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
@@ -113,6 +118,21 @@ def cmd_toy_report(args: argparse.Namespace) -> int:
         for key, value in result.items():
             print(f"{key:>20}  {value}")
     return 0
+
+
+def cmd_bench_personalize(args: argparse.Namespace) -> int:
+    from studio.bench.personalize import personalize
+
+    result = personalize(args.methods, n_preservation=args.preservation_prompts, n_seeds=args.seeds,
+                         work_dir=args.work_dir, steps=args.max_train_steps)
+    return print_result(result, args)
+
+
+def cmd_bench_train_step(args: argparse.Namespace) -> int:
+    from studio.bench.train_step import train_step
+
+    result = train_step(args.models, args.entries, rounds=args.rounds, steps=args.steps, device=args.device)
+    return print_result(result, args)
 
 
 def _flag(name: str) -> str:
@@ -198,9 +218,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from studio.convert import to_peft
+    from studio.convert import from_kohya, is_studio_file, to_kohya, to_peft
 
-    print(f"wrote {to_peft(args.file, args.output)}")
+    source = Path(args.file)
+    if args.to == "peft":
+        written = to_peft(source, args.output)
+    elif args.to == "kohya":
+        written = to_kohya(source, args.output)
+    elif is_studio_file(source):  # --to diffusers from our own file: it already has diffusers keys
+        raise StudioError(f"{source} is already a studio file with diffusers keys; pipe.load_lora_weights loads it as is")
+    else:
+        written = from_kohya(source, args.output, model=args.model)
+    print(f"wrote {written}")
     return 0
 
 
@@ -232,13 +261,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("convert", help="write an artifact in another tool's layout")
     p.add_argument("file")
-    p.add_argument("--to", required=True, choices=["peft"], help="peft: a PEFT adapter folder (LoRA, OFT, BOFT)")
+    p.add_argument("--to", required=True, choices=["diffusers", "kohya", "peft"],
+                   help="diffusers: a kohya/A1111 LoRA file into ours (diffusers keys + studio header); "
+                        "kohya: our LoRA with kohya/A1111 keys; peft: a PEFT adapter folder (LoRA, OFT, BOFT)")
     p.add_argument("--output", required=True)
+    p.add_argument("--model", default=TOY_MODEL, help="--to diffusers: the base model the kohya file was made for")
     p.set_defaults(func=cmd_convert)
 
     p = commands.add_parser("inspect", help="print an artifact's header")
     p.add_argument("file")
     p.set_defaults(func=cmd_inspect)
+
+    bench = commands.add_parser("bench", help="measure the methods").add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    p = bench.add_parser("personalize", help="teach the toy model the held-out star with each method; fidelity and preservation")
+    p.add_argument("--methods", nargs="+", default=None, help="default: every adapter method")
+    p.add_argument("--preservation-prompts", type=int, default=100)
+    p.add_argument("--seeds", type=int, default=8, help="samples per colour for fidelity and composition")
+    p.add_argument("--max-train-steps", type=int, default=None, help="override every method's step budget")
+    p.add_argument("--work-dir", default=None, help="keep the trained artifacts here (default: a temporary folder)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--output", default=None, help="also write the JSON to this file")
+    p.set_defaults(func=cmd_bench_personalize)
+    p = bench.add_parser("train-step", help="seconds and peak memory of a training step: ours, PEFT, floor, full")
+    p.add_argument("--models", nargs="+", default=None, choices=["toy", "sd15"])
+    p.add_argument("--entries", nargs="+", default=None, help="default: floor full lora oft boft sara peft-lora peft-oft peft-boft")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per entry per round")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--output", default=None, help="also write the JSON to this file")
+    p.set_defaults(func=cmd_bench_train_step)
 
     toy = commands.add_parser("toy", help="the embedded ShapesWorld model").add_subparsers(dest="toy_command", required=True, metavar="TOY_COMMAND")
     p = toy.add_parser("pretrain", help="rebuild the toy model and evaluator from scratch")
