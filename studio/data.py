@@ -8,9 +8,11 @@ front of every caption that lacks it. Unreadable images are skipped with a
 warning naming each; a folder with none usable is an error.
 
 ShapesWorld spec: `shapesworld:shape=star,count=8,colors=red|green|blue,caption=a {color} sks,seed=0`
-renders `count` images of one shape in the listed colours (cycled), other
-attributes random, captioned from the template ({color}, {shape},
-{texture}, {position}, {background} are filled in).
+renders `count` images of the listed shapes and colours (each cycled; `shape=seen`
+means the five shapes the toy model was trained on), other attributes random,
+captioned from the template ({color}, {shape}, {texture}, {position},
+{background} are filled in; {caption} is the full canonical caption, e.g.
+"a red striped circle in the top left on a white background").
 
 Images are sorted into aspect-ratio buckets of about `resolution`^2 pixels
 (sides multiples of `multiple`); each image is resized and centre-cropped to
@@ -129,7 +131,7 @@ def parse_shapesworld_spec(spec: str) -> dict:
         >>> parse_shapesworld_spec("shape=star,count=2")["colors"][:2]
         ['red', 'orange']
     """
-    from studio.toy.render import COLORS, SHAPES
+    from studio.toy.render import COLORS, SEEN_SHAPES, SHAPES
 
     options = {"shape": "star", "count": "8", "colors": "|".join(COLORS), "caption": "a {color} {shape}", "seed": "0"}
     for part in filter(None, spec.split(",")):
@@ -137,31 +139,35 @@ def parse_shapesworld_spec(spec: str) -> dict:
         if not sep or key.strip() not in options:
             raise StudioError(f"bad ShapesWorld spec part {part!r}; use key=value with keys {', '.join(options)}")
         options[key.strip()] = value.strip()
-    if options["shape"] not in SHAPES:
-        raise StudioError(f"unknown shape {options['shape']!r} in ShapesWorld spec; choose one of {', '.join(SHAPES)}")
+    shapes = list(SEEN_SHAPES) if options["shape"] == "seen" else options["shape"].split("|")
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise StudioError(f"unknown shapes {unknown} in ShapesWorld spec; choose from {', '.join(SHAPES)} (or 'seen')")
     colors = options["colors"].split("|")
     unknown = [c for c in colors if c not in COLORS]
     if unknown:
         raise StudioError(f"unknown colours {unknown} in ShapesWorld spec; choose from {', '.join(COLORS)}")
     if not options["count"].isdigit() or int(options["count"]) < 1:
         raise StudioError(f"ShapesWorld count must be a positive integer (got {options['count']!r})")
-    return {**options, "count": int(options["count"]), "colors": colors, "seed": int(options["seed"])}
+    return {**options, "count": int(options["count"]), "shapes": shapes, "colors": colors, "seed": int(options["seed"])}
 
 
 def shapesworld_examples(spec: str, resolution: int) -> list[Example]:
+    from studio.toy.captions import canonical_caption
     from studio.toy.render import ShapeSpec, random_jitter, random_spec, render
 
     options = parse_shapesworld_spec(spec)
     rng = np.random.default_rng(options["seed"])
     examples = []
     for i in range(options["count"]):
+        shape = options["shapes"][i % len(options["shapes"])]
         color = options["colors"][i % len(options["colors"])]
         base = random_spec(rng)
-        spec_i = ShapeSpec(options["shape"], color, base.texture, base.background, base.size, base.position)
+        spec_i = ShapeSpec(shape, color, base.texture, base.background, base.size, base.position)
         image = Image.fromarray(render(spec_i, resolution, resolution, random_jitter(rng)).image)
         caption = options["caption"].format(
-            color=color, shape=options["shape"], texture=spec_i.texture, position=spec_i.position,
-            background=spec_i.background,
+            color=color, shape=shape, texture=spec_i.texture, position=spec_i.position,
+            background=spec_i.background, caption=canonical_caption(spec_i),
         )
         examples.append(Example(image, caption, f"shapesworld:{i}"))
     return examples

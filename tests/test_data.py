@@ -44,10 +44,22 @@ def test_shapesworld_spec():
     assert all(e.image.size == (32, 32) for e in data.examples)
     again = load_dataset("shapesworld:shape=star,count=6,colors=red|blue,caption=a {color} sks,seed=3", resolution=32)
     assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(data.examples, again.examples))
-    with pytest.raises(StudioError, match="unknown shape 'blob'"):
+    with pytest.raises(StudioError, match="unknown shapes \\['blob'\\]"):
         parse_shapesworld_spec("shape=blob")
     with pytest.raises(StudioError, match="bad ShapesWorld spec part 'n8'"):
         parse_shapesworld_spec("n8")
+
+
+def test_shapesworld_prior_set_of_seen_shapes():
+    from studio.eval import score
+
+    data = load_dataset("shapesworld:shape=seen,count=10,caption={caption},seed=1", resolution=32)
+    shapes = ["circle", "square", "triangle", "cross", "diamond"] * 2
+    assert [e.caption.split(" in the ")[0].split()[-1] for e in data.examples] == shapes
+    assert all(" on a " in e.caption for e in data.examples)  # the full caption names the background
+    assert [row["shape"] for row in score([e.image for e in data.examples]).rows] == shapes
+    two = parse_shapesworld_spec("shape=circle|heart")
+    assert two["shapes"] == ["circle", "heart"]
 
 
 def test_bucket_batches_never_mix_buckets():

@@ -64,6 +64,8 @@ class TrainConfig:
     default_caption: str | None = None
     trigger: str | None = None
     repeats: int = 1
+    prior_data: str = ""  # prior preservation (DreamBooth): a second dataset the model must keep drawing
+    prior_loss_weight: float = 1.0
     method_options: dict = field(default_factory=dict)
 
 
@@ -89,12 +91,14 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 @torch.no_grad()
 def cache_examples(pipe, dataset) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
-    """VAE posterior (mean, std) per example and text embeddings per distinct caption (and the empty one)."""
+    """VAE posterior (mean, std) per example, scaled to the UNet's latent space, and text embeddings
+    per distinct caption (and the empty one)."""
+    scaling = pipe.vae.config.scaling_factor
     latents = []
     for example in tqdm(dataset.examples, desc="cache latents", leave=False):
         pixels = torch.from_numpy(np.array(example.image)).permute(2, 0, 1)[None].float() / 127.5 - 1
         dist = pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist
-        latents.append((dist.mean[0].float().cpu(), dist.std[0].float().cpu()))
+        latents.append(((dist.mean[0] * scaling).float().cpu(), (dist.std[0] * scaling).float().cpu()))
     captions = sorted({e.caption for e in dataset.examples} | {""})
     embeddings = {}
     for caption in captions:
@@ -104,13 +108,39 @@ def cache_examples(pipe, dataset) -> tuple[list[tuple[torch.Tensor, torch.Tensor
     return latents, embeddings
 
 
+def batch_loss(unet, data, latents, embeddings, config: TrainConfig, noise_scheduler, rng, generator, device) -> torch.Tensor:
+    """The denoising loss of one batch drawn from `data` (with its cached latents and text embeddings)."""
+    from diffusers.training_utils import compute_snr
+
+    batch = bucket_batches(data.buckets, config.train_batch_size, rng)[0]
+    mean = torch.stack([latents[i][0] for i in batch])
+    std = torch.stack([latents[i][1] for i in batch])
+    sample = mean + std * torch.randn(mean.shape, generator=generator)
+    captions = [data.examples[i].caption if rng.random() >= config.caption_dropout else "" for i in batch]
+    text = torch.stack([embeddings[c] for c in captions])
+    noise = torch.randn(sample.shape, generator=generator)
+    if config.noise_offset:
+        noise += config.noise_offset * torch.randn(sample.shape[:2] + (1, 1), generator=generator)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=generator)
+    noisy = noise_scheduler.add_noise(sample, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = noise_scheduler.get_velocity(sample, noise, timesteps)
+    pred = unet(noisy.to(device), timesteps.to(device), text.to(device)).sample.float()
+    per_example = F.mse_loss(pred, target.to(device), reduction="none").mean(dim=(1, 2, 3))
+    if config.snr_gamma:  # min-SNR weighting
+        snr = compute_snr(noise_scheduler, timesteps).to(device)
+        clamped = torch.clamp(snr, max=config.snr_gamma)
+        per_example = per_example * (clamped / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else clamped / snr)
+    return per_example.mean()
+
+
 def train(config: TrainConfig, method_config=None) -> TrainResult:
     """Train `config.method` on `config.data` and write `<output_dir>/<method>.safetensors`."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from diffusers import DDPMScheduler
-    from diffusers.training_utils import compute_snr
-
     method = registry.get(config.method)
     trainer = method.trainer
     adapter = method.adapter
@@ -132,9 +162,11 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
     resolution = config.resolution or default_size(pipe)[0]
     dataset = load_dataset(config.data, resolution, config.default_caption, config.trigger, config.repeats,
                            multiple=pipe.vae_scale_factor * 2)
-    latents, embeddings = cache_examples(pipe, dataset)
+    cached = [(dataset, *cache_examples(pipe, dataset))]
+    if config.prior_data:
+        prior = load_dataset(config.prior_data, resolution, multiple=pipe.vae_scale_factor * 2)
+        cached.append((prior, *cache_examples(pipe, prior)))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    scaling = pipe.vae.config.scaling_factor
 
     # 2. The method wraps its layers; only its parameters train.
     unet = pipe.unet
@@ -164,29 +196,13 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
     for step in bar:
         rng, generator = _step_generators(config.seed, step, accelerator.process_index)
         torch.manual_seed(int(rng.integers(2**31)))  # adapter dropout and the like
-        batch = bucket_batches(dataset.buckets, config.train_batch_size, rng)[0]
-        mean = torch.stack([latents[i][0] for i in batch])
-        std = torch.stack([latents[i][1] for i in batch])
-        sample = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
-        captions = [dataset.examples[i].caption if rng.random() >= config.caption_dropout else "" for i in batch]
-        text = torch.stack([embeddings[c] for c in captions])
-        noise = torch.randn(sample.shape, generator=generator)
-        if config.noise_offset:
-            noise += config.noise_offset * torch.randn(sample.shape[:2] + (1, 1), generator=generator)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=generator)
-        noisy = noise_scheduler.add_noise(sample, noise, timesteps)
-        target = noise if noise_scheduler.config.prediction_type == "epsilon" else noise_scheduler.get_velocity(sample, noise, timesteps)
         device = accelerator.device
         with accelerator.accumulate(unet):
-            pred = unet(noisy.to(device), timesteps.to(device), text.to(device)).sample.float()
-            per_example = F.mse_loss(pred, target.to(device), reduction="none").mean(dim=(1, 2, 3))
-            if config.snr_gamma:
-                snr = compute_snr(noise_scheduler, timesteps).to(device)
-                weight = torch.clamp(snr, max=config.snr_gamma) / snr
-                if noise_scheduler.config.prediction_type == "v_prediction":
-                    weight = torch.clamp(snr, max=config.snr_gamma) / (snr + 1)
-                per_example = per_example * weight
-            loss = per_example.mean()
+            # The data's loss, plus the prior set's (same batch size) weighted by prior_loss_weight.
+            loss = 0.0
+            for which, (data, latents, embeddings) in enumerate(cached):
+                weight = config.prior_loss_weight if which else 1.0
+                loss = loss + weight * batch_loss(unet, data, latents, embeddings, config, noise_scheduler, rng, generator, device)
             if hasattr(trainer, "extra_loss"):  # a method's own term, e.g. SaRA's nuclear norm
                 loss = loss + trainer.extra_loss(accelerator.unwrap_model(unet), method_config, rng)
             accelerator.backward(loss)
