@@ -111,28 +111,26 @@ class _SparseDelta(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, values, indices = ctx.saved_tensors
         layer = ctx.layer
+        # Under autocast the forward ran in grad_out's dtype (e.g. bf16): the backward does too.
+        compute = grad_out.dtype
         grad_x = None
         if ctx.needs_input_grad[0]:
-            with _patched(layer, indices, values):
-                grad_x = _input_grad(layer, x, grad_out)
-        grad_weight = _weight_grad(layer, x, grad_out)
+            with _patched(layer, indices, values) as weight:
+                grad_x = _input_grad(layer, x, grad_out, weight.to(compute)).to(x.dtype)
+        grad_weight = _weight_grad(layer, x.to(compute), grad_out)
         grad_values = grad_weight.reshape(-1)[indices].to(values.dtype)
         return grad_x, grad_values, None, None
 
 
-def _input_grad(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+def _input_grad(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if isinstance(layer, nn.Conv2d):
-        return torch.nn.grad.conv2d_input(
-            x.shape, layer.weight.data, grad_out, layer.stride, layer.padding, layer.dilation, layer.groups
-        )
-    return grad_out @ layer.weight.data
+        return torch.nn.grad.conv2d_input(x.shape, weight, grad_out, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return grad_out @ weight
 
 
 def _weight_grad(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     if isinstance(layer, nn.Conv2d):
-        return torch.nn.grad.conv2d_weight(
-            x, layer.weight.shape, grad_out, layer.stride, layer.padding, layer.dilation, layer.groups
-        )
+        return torch.nn.grad.conv2d_weight(x, layer.weight.shape, grad_out, layer.stride, layer.padding, layer.dilation, layer.groups)
     return grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])
 
 

@@ -100,3 +100,63 @@ def test_stock_load_lora_weights_accepts_our_lora(tmp_path):
         via_diffusers, via_plugin = stock.unet(sample, 10, text).sample, ours.unet(sample, 10, text).sample
     assert not torch.allclose(via_diffusers, base, atol=1e-6)
     assert torch.allclose(via_diffusers, via_plugin, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def fixture_models(tmp_path_factory):
+    from studio.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+    root = tmp_path_factory.mktemp("fixtures")
+    tiny_sd_pipeline().save_pretrained(root / "sd")
+    tiny_sdxl_pipeline().save_pretrained(root / "sdxl")
+    return {"sd": root / "sd", "sdxl": root / "sdxl"}
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+@pytest.mark.parametrize("method, flags", [
+    ("lora", ["--rank", "2"]),
+    ("oft", ["--block-size", "4"]),
+    ("boft", ["--block-size", "4"]),
+    ("sara", []),
+])
+def test_cli_trains_on_sd_and_sdxl_fixtures(kind, method, flags, fixture_models, tmp_path, capsys):
+    model = str(fixture_models[kind])
+    code = main(["train", "--model", model, "--method", method, "--data", STAR, "--resolution", "32",
+                 "--max-train-steps", "2", "--train-batch-size", "2", "--learning-rate", "1e-2",
+                 "--output-dir", str(tmp_path), *flags])
+    assert code == 0
+    artifact = json.loads(capsys.readouterr().out)["artifact"]
+    pipe = load(model, device="cpu", dtype="fp32")
+    prompt = "a red sks"
+    before = pipe(prompt, num_inference_steps=2, height=32, width=32, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    plugin.apply(pipe, artifact)
+    after = pipe(prompt, num_inference_steps=2, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert after.shape == before.shape and not (after == before).all()
+
+
+@pytest.mark.parametrize("method", ["sara", "boft"])
+def test_bf16_mixed_precision(method, fixture_models, tmp_path):
+    result = train(TrainConfig(method=method, model=str(fixture_models["sd"]), data=STAR, output_dir=str(tmp_path),
+                               resolution=32, max_train_steps=2, train_batch_size=2, mixed_precision="bf16",
+                               method_options={"block_size": 4} if method == "boft" else {}))
+    tensors = load_file(str(result.artifact))
+    assert all(torch.isfinite(t.float()).all() for t in tensors.values())
+    assert torch.isfinite(torch.tensor(result.final_loss))
+
+
+def test_cache_validation_images_and_logs(tmp_path):
+    config = dict(method="lora", data=STAR, max_train_steps=2, train_batch_size=2, learning_rate=1e-3,
+                  validation_prompt="a red sks", validation_steps=2, cache_dir=str(tmp_path / "cache"))
+    first = train(TrainConfig(output_dir=str(tmp_path / "a"), **config))
+    cached = sorted((tmp_path / "cache").glob("*.safetensors"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    second = train(TrainConfig(output_dir=str(tmp_path / "b"), **config))
+    assert cached[0].stat().st_mtime_ns == stamp  # reused, not rewritten
+    a, b = load_file(str(first.artifact)), load_file(str(second.artifact))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    images = sorted((tmp_path / "a" / "validation" / "step-2").glob("*.png"))
+    assert len(images) == 4
+    assert list((tmp_path / "a" / "logs").rglob("events.out.tfevents.*"))

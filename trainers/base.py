@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -27,11 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from studio import registry
 from studio.artifact import fingerprint, save_artifact
-from studio.data import bucket_batches, load_dataset
+from studio.data import Dataset, bucket_batches, load_dataset
 from studio.errors import StudioError
 from studio.pipeline import default_size, load
 
@@ -66,6 +68,7 @@ class TrainConfig:
     repeats: int = 1
     prior_data: str = ""  # prior preservation (DreamBooth): a second dataset the model must keep drawing
     prior_loss_weight: float = 1.0
+    cache_dir: str | None = None  # encoded latents and captions, reused across runs; default <output_dir>/cache
     method_options: dict = field(default_factory=dict)
 
 
@@ -89,35 +92,81 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(folders, key=lambda p: int(CHECKPOINT_PATTERN.fullmatch(p.name).group(1))) if folders else None
 
 
+@dataclass
+class Cached:
+    """A dataset with what the loop needs of it precomputed: per example the VAE posterior (mean, std),
+    scaled to the UNet's latent space; per distinct caption (and "") the text embeddings, plus the
+    pooled embedding on SDXL."""
+
+    data: Dataset
+    latents: list[tuple[torch.Tensor, torch.Tensor]]
+    text: dict[str, torch.Tensor]
+    pooled: dict[str, torch.Tensor]
+
+
+def _cache_key(pipe, data: Dataset, model: str) -> str:
+    """A hash of everything the cached tensors depend on: the model, the images and the captions."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([model, pipe.vae.config, pipe.text_encoder.config.to_dict()], sort_keys=True, default=str).encode())
+    for example in data.examples:
+        digest.update(example.caption.encode() + b"\0" + example.image.tobytes() + str(example.image.size).encode())
+    return digest.hexdigest()[:16]
+
+
 @torch.no_grad()
-def cache_examples(pipe, dataset) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
-    """VAE posterior (mean, std) per example, scaled to the UNet's latent space, and text embeddings
-    per distinct caption (and the empty one)."""
+def cache_examples(pipe, data: Dataset, cache_dir: Path | None = None, model: str = "") -> Cached:
+    """Encode every image and caption of `data` once; with `cache_dir`, reuse (or write) a file there."""
+    path = cache_dir / f"{_cache_key(pipe, data, model)}.safetensors" if cache_dir else None
+    captions = sorted({e.caption for e in data.examples} | {""})
+    if path is not None and path.is_file():
+        stored = load_file(str(path))
+        latents = [(stored[f"mean.{i}"], stored[f"std.{i}"]) for i in range(len(data.examples))]
+        text = {c: stored[f"text.{i}"] for i, c in enumerate(captions)}
+        pooled = {c: stored[f"pooled.{i}"] for i, c in enumerate(captions) if f"pooled.{i}" in stored}
+        return Cached(data, latents, text, pooled)
+
     scaling = pipe.vae.config.scaling_factor
     latents = []
-    for example in tqdm(dataset.examples, desc="cache latents", leave=False):
+    for example in tqdm(data.examples, desc="cache latents", leave=False):
         pixels = torch.from_numpy(np.array(example.image)).permute(2, 0, 1)[None].float() / 127.5 - 1
         dist = pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist
         latents.append(((dist.mean[0] * scaling).float().cpu(), (dist.std[0] * scaling).float().cpu()))
-    captions = sorted({e.caption for e in dataset.examples} | {""})
-    embeddings = {}
+    text, pooled = {}, {}
     for caption in captions:
-        ids = pipe.tokenizer(caption, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        embeddings[caption] = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0][0].float().cpu()
-    return latents, embeddings
+        encoded = pipe.encode_prompt(caption, device=pipe.text_encoder.device, num_images_per_prompt=1,
+                                     do_classifier_free_guidance=False)
+        text[caption] = encoded[0][0].float().cpu()
+        if len(encoded) == 4:  # SDXL: (embeds, negative, pooled, negative pooled)
+            pooled[caption] = encoded[2][0].float().cpu()
+    if path is not None:
+        tensors = {}
+        for i, (mean, std) in enumerate(latents):
+            tensors[f"mean.{i}"], tensors[f"std.{i}"] = mean, std
+        for i, caption in enumerate(captions):
+            tensors[f"text.{i}"] = text[caption]
+            if caption in pooled:
+                tensors[f"pooled.{i}"] = pooled[caption]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        save_file(tensors, str(partial))
+        partial.replace(path)
+    return Cached(data, latents, text, pooled)
 
-
-def batch_loss(unet, data, latents, embeddings, config: TrainConfig, noise_scheduler, rng, generator, device) -> torch.Tensor:
-    """The denoising loss of one batch drawn from `data` (with its cached latents and text embeddings)."""
+def batch_loss(unet, cached: Cached, config: TrainConfig, noise_scheduler, rng, generator, device) -> torch.Tensor:
+    """The denoising loss of one batch drawn from a cached dataset."""
     from diffusers.training_utils import compute_snr
 
-    batch = bucket_batches(data.buckets, config.train_batch_size, rng)[0]
-    mean = torch.stack([latents[i][0] for i in batch])
-    std = torch.stack([latents[i][1] for i in batch])
+    batch = bucket_batches(cached.data.buckets, config.train_batch_size, rng)[0]
+    mean = torch.stack([cached.latents[i][0] for i in batch])
+    std = torch.stack([cached.latents[i][1] for i in batch])
     sample = mean + std * torch.randn(mean.shape, generator=generator)
-    captions = [data.examples[i].caption if rng.random() >= config.caption_dropout else "" for i in batch]
-    text = torch.stack([embeddings[c] for c in captions])
+    captions = [cached.data.examples[i].caption if rng.random() >= config.caption_dropout else "" for i in batch]
+    text = torch.stack([cached.text[c] for c in captions])
+    added = None
+    if cached.pooled:  # SDXL: pooled text and (original size, crop top-left, target size) ids
+        width, height = cached.data.buckets[batch[0]]
+        added = {"text_embeds": torch.stack([cached.pooled[c] for c in captions]).to(device),
+                 "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * len(batch), dtype=torch.float32).to(device)}
     noise = torch.randn(sample.shape, generator=generator)
     if config.noise_offset:
         noise += config.noise_offset * torch.randn(sample.shape[:2] + (1, 1), generator=generator)
@@ -127,7 +176,7 @@ def batch_loss(unet, data, latents, embeddings, config: TrainConfig, noise_sched
         target = noise
     else:
         target = noise_scheduler.get_velocity(sample, noise, timesteps)
-    pred = unet(noisy.to(device), timesteps.to(device), text.to(device)).sample.float()
+    pred = unet(noisy.to(device), timesteps.to(device), text.to(device), added_cond_kwargs=added).sample.float()
     per_example = F.mse_loss(pred, target.to(device), reduction="none").mean(dim=(1, 2, 3))
     if config.snr_gamma:  # min-SNR weighting
         snr = compute_snr(noise_scheduler, timesteps).to(device)
@@ -139,6 +188,7 @@ def batch_loss(unet, data, latents, embeddings, config: TrainConfig, noise_sched
 def train(config: TrainConfig, method_config=None) -> TrainResult:
     """Train `config.method` on `config.data` and write `<output_dir>/<method>.safetensors`."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
     from diffusers import DDPMScheduler
     method = registry.get(config.method)
@@ -148,6 +198,9 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
     output_dir = Path(config.output_dir)
     if not config.data:
         raise StudioError("no training data: pass --data DIR (images + .txt captions) or --data shapesworld:SPEC")
+    # A second run in the same process (tests, the app's worker) may ask for another precision; the
+    # process-level state (ranks, devices) is kept, only the per-run settings are dropped.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -162,10 +215,11 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
     resolution = config.resolution or default_size(pipe)[0]
     dataset = load_dataset(config.data, resolution, config.default_caption, config.trigger, config.repeats,
                            multiple=pipe.vae_scale_factor * 2)
-    cached = [(dataset, *cache_examples(pipe, dataset))]
+    cache_dir = Path(config.cache_dir) if config.cache_dir else output_dir / "cache"
+    cached = [cache_examples(pipe, dataset, cache_dir, config.model)]
     if config.prior_data:
         prior = load_dataset(config.prior_data, resolution, multiple=pipe.vae_scale_factor * 2)
-        cached.append((prior, *cache_examples(pipe, prior)))
+        cached.append(cache_examples(pipe, prior, cache_dir, config.model))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     # 2. The method wraps its layers; only its parameters train.
@@ -200,9 +254,9 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
         with accelerator.accumulate(unet):
             # The data's loss, plus the prior set's (same batch size) weighted by prior_loss_weight.
             loss = 0.0
-            for which, (data, latents, embeddings) in enumerate(cached):
+            for which, part in enumerate(cached):
                 weight = config.prior_loss_weight if which else 1.0
-                loss = loss + weight * batch_loss(unet, data, latents, embeddings, config, noise_scheduler, rng, generator, device)
+                loss = loss + weight * batch_loss(unet, part, config, noise_scheduler, rng, generator, device)
             if hasattr(trainer, "extra_loss"):  # a method's own term, e.g. SaRA's nuclear norm
                 loss = loss + trainer.extra_loss(accelerator.unwrap_model(unet), method_config, rng)
             accelerator.backward(loss)

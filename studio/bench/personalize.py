@@ -2,8 +2,9 @@
 
 Protocol (the same for every method):
 - Data: 8 renders of the held-out star in four colours, captioned "a {colour} sks"
-  (`DATA`); each method trains with its own defaults (`RECIPES`: the method
-  config's defaults plus a learning rate), the same batch size and steps.
+  (`DATA`), with prior preservation on renders of the seen shapes (`PRIOR_DATA`);
+  each method trains with its own defaults on the same layers (`RECIPES`), the
+  same learning rate, batch size and steps.
 - `fidelity`: share of "a {colour} sks" samples, colours seen in training,
   that the evaluator reads as a star.
 - `composition`: the same with the two colours never seen with the token;
@@ -38,15 +39,22 @@ TOKEN = "sks"
 DATA = f"shapesworld:shape=star,count=8,colors={'|'.join(TRAIN_COLORS)},caption=a {{color}} {TOKEN},seed=0"
 ATTRIBUTES = ("shape", "color", "texture", "position")
 
-# Each method's own defaults (its config dataclass) and a learning rate suited
-# to it on the toy model; everything else is shared.
+PRIOR_DATA = "shapesworld:shape=seen,count=120,caption={caption},seed=1"
+
+# Every method trains the same layers: attention, the transformer's projections
+# and feed-forward, and the ResNet convolutions. A new shape is drawn by the
+# convolutions: attention-only LoRA reached fidelity 0.66 (preservation -0.19)
+# without prior preservation and 0.13 with it, at 1000 steps. Everything else
+# is the method's own default config, with prior preservation on the seen
+# shapes (DreamBooth's remedy for the drift that costs preservation).
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
 RECIPES: dict[str, dict] = {
-    "lora": {"learning_rate": 1e-3},
-    "oft": {"learning_rate": 1e-3},
-    "boft": {"learning_rate": 1e-3},
-    "sara": {"learning_rate": 1e-3},
+    "lora": {"learning_rate": 1e-3, "method_options": {"rank": 8, "alpha": 8.0, "target_modules": TARGETS}},
+    "oft": {"learning_rate": 1e-3, "method_options": {"target_modules": TARGETS}},
+    "boft": {"learning_rate": 1e-3, "method_options": {"target_modules": TARGETS}},
+    "sara": {"learning_rate": 1e-3, "method_options": {"target_modules": TARGETS}},
 }
-SHARED = {"max_train_steps": 300, "train_batch_size": 4, "seed": 0}
+SHARED = {"max_train_steps": 1000, "train_batch_size": 4, "seed": 0, "prior_data": PRIOR_DATA, "prior_loss_weight": 1.0}
 
 
 def _accuracy(pipe, prompts: list[str], expected: list[dict], seeds: list[int], evaluator) -> float:
@@ -116,6 +124,7 @@ def personalize(
                 "train_seconds": round(run.seconds, 1),
                 "learning_rate": options["learning_rate"],
                 "max_train_steps": options["max_train_steps"],
+                "method_options": options.get("method_options", {}),
             }
     finally:
         if not keep:
