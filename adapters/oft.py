@@ -5,11 +5,12 @@ matrix R = blockdiag(R_1, ..., R_n), R_i = (I - Q_i)(I + Q_i)^-1 with Q_i
 skew-symmetric. In PEFT's row convention the rotated input is x R, so the
 layer computes (x R) W^T = x (W R^T)^T: its effective weight is W' = W R^T.
 
-We apply R to the *weight* (out x in*kh*kw), never to activations: a 3x3
-convolution then stays an exact convolution (PEFT's unfold/fold on
-activations is not the base layer at identity), and the cost does not grow
-with the number of tokens. At init Q = 0, so R = I and the layer is exactly
-the base layer.
+We apply R to the *weight* (out x in*kh*kw): a 3x3 convolution then stays an
+exact convolution (PEFT's unfold/fold on activations is not the base layer at
+identity), and the cost does not grow with the number of tokens. A Linear
+that sees fewer tokens than it has outputs rotates its input instead, which
+is the same layer at lower cost. At init Q = 0, so R = I and the layer is
+exactly the base layer.
 
 Parameter layout follows PEFT (`oft_R`: n_blocks x b(b-1)/2, the strict upper
 triangle of each Q_i, row-major), so our files load into PEFT with
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from studio.errors import StudioError
-from studio.orthogonal import cayley, rotate_weight, skew_symmetric
+from studio.orthogonal import cayley, rotate_input, rotate_weight, skew_symmetric
 from studio.targets import ATTENTION_PROJECTIONS, in_dim, layer_forward, wrap_targets
 
 
@@ -72,9 +73,13 @@ def transform(weight: torch.Tensor, params: dict[str, torch.Tensor], scale: floa
         >>> torch.equal(transform(w, {PARAM: torch.zeros(2, 6)}), w)
         True
     """
+    return rotate_layer_weight(weight, rotations(params[PARAM], scale))
+
+
+def rotate_layer_weight(weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """W R^T for a Linear or Conv2d weight (viewed as out x in*kh*kw), in fp32, returned in its dtype."""
     flat = weight.reshape(weight.shape[0], -1)
-    rotated = rotate_weight(flat.float(), rotations(params[PARAM], scale))
-    return rotated.reshape(weight.shape).to(weight.dtype)
+    return rotate_weight(flat.float(), blocks).reshape(weight.shape).to(weight.dtype)
 
 
 class OFTLayer(nn.Module):
@@ -99,15 +104,22 @@ class OFTLayer(nn.Module):
         self.oft_R = nn.Parameter(torch.zeros(n_blocks, n_params, device=base_layer.weight.device))
         self.scale = 1.0
 
-    def rotated_weight(self) -> torch.Tensor:
+    def rotations(self) -> torch.Tensor:
         if self.coft and self.training:
             with torch.no_grad():
                 self.oft_R.copy_(project_coft(self.oft_R, self.block_size, self.eps))
-        return transform(self.base_layer.weight, {PARAM: self.oft_R}, self.scale)
+        return rotations(self.oft_R, self.scale)
+
+    def rotated_weight(self) -> torch.Tensor:
+        return rotate_layer_weight(self.base_layer.weight, self.rotations())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale == 0:
             return self.base_layer(x)
+        if isinstance(self.base_layer, nn.Linear) and x.numel() // x.shape[-1] < self.base_layer.out_features:
+            # Fewer tokens than outputs (deep levels; cross-attention reads 77 text tokens): rotating
+            # the input costs less than rotating the weight, and for a Linear it is the same layer.
+            return self.base_layer(rotate_input(x, self.rotations()))
         return layer_forward(self.base_layer, x, self.rotated_weight())
 
 

@@ -16,8 +16,8 @@ sparse set:
   layer per step, as the reference does).
 - Progressive re-selection: `reselect` re-applies the stored threshold to the
   updated weights W + delta: entries that grew beyond it are frozen with the
-  delta they learned (kept in a frozen buffer), those still below it keep
-  training (the trainer resets their optimizer state).
+  delta they learned (the `trainable` mask cuts their gradient), those still
+  below it keep training (the trainer resets the optimizer state).
 
 The artifact stores, per layer, int32 flat indices and float deltas; applying
 is a scatter-add, removing a scatter of the saved originals.
@@ -148,46 +148,36 @@ class SaRALayer(nn.Module):
         self.threshold = threshold
         self.register_buffer("indices", indices)
         self.values = nn.Parameter(torch.zeros(indices.numel(), device=base_layer.weight.device))
-        # Entries trained before a re-selection and frozen since (disjoint from `indices`).
-        self.register_buffer("frozen_indices", torch.zeros(0, dtype=torch.int32, device=indices.device))
-        self.register_buffer("frozen_values", torch.zeros(0, device=indices.device))
+        # Which entries still train; a re-selection freezes those that grew out of the ineffective set.
+        # A mask rather than a smaller Parameter: the optimizer (and DDP) keep the same tensors.
+        self.register_buffer("trainable", torch.ones(indices.numel(), dtype=torch.bool, device=indices.device))
         self.scale = 1.0
 
+    def masked_values(self) -> torch.Tensor:
+        """The deltas, with the gradient of frozen entries cut."""
+        if bool(self.trainable.all()):
+            return self.values
+        return torch.where(self.trainable, self.values, self.values.detach())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.frozen_indices.numel():
-            # Rare path (after a re-selection): fold the frozen part in with the trainable one.
-            indices = torch.cat([self.indices, self.frozen_indices])
-            values = torch.cat([self.values, self.frozen_values.detach()])
-        else:
-            indices, values = self.indices, self.values
-        return _SparseDelta.apply(x, values * self.scale, self.base_layer, indices)
+        return _SparseDelta.apply(x, self.masked_values() * self.scale, self.base_layer, self.indices)
 
     def delta(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All learned (flat index, delta) pairs of this layer."""
-        return (
-            torch.cat([self.indices, self.frozen_indices]),
-            torch.cat([self.values.detach(), self.frozen_values]),
-        )
+        return self.indices, self.values.detach()
 
     def dense_delta(self) -> torch.Tensor:
-        """The delta as a dense (out, in*kh*kw) matrix, differentiable in `values` (for the nuclear norm)."""
+        """The delta as a dense (out, in*kh*kw) matrix, differentiable in the trainable values (for the nuclear norm)."""
         weight = self.base_layer.weight
         dense = torch.zeros(weight.numel(), device=weight.device, dtype=self.values.dtype)
-        dense = dense.index_put((self.indices,), self.values)
-        if self.frozen_indices.numel():
-            dense = dense.index_put((self.frozen_indices,), self.frozen_values)
-        return dense.view(weight.shape[0], -1)
+        return dense.index_put((self.indices,), self.masked_values()).view(weight.shape[0], -1)
 
     @torch.no_grad()
     def reselect(self) -> int:
         """Freeze trained entries that left the ineffective set (|w + delta| >= threshold); return how many."""
         updated = self.base_layer.weight.data.view(-1)[self.indices] + self.values
-        still_small = updated.abs() < self.threshold
-        leaving = ~still_small
-        self.frozen_indices = torch.cat([self.frozen_indices, self.indices[leaving]])
-        self.frozen_values = torch.cat([self.frozen_values, self.values[leaving]])
-        self.indices = self.indices[still_small]
-        self.values = nn.Parameter(self.values[still_small].clone())
+        leaving = self.trainable & (updated.abs() >= self.threshold)
+        self.trainable &= ~leaving
         return int(leaving.sum())
 
 

@@ -37,3 +37,17 @@ def rotate_weight(weight: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor
     n, b, _ = rotations.shape
     blocks = weight.reshape(out_features, n, b)
     return torch.einsum("onk,nck->onc", blocks, rotations).reshape(out_features, n * b)
+
+
+def rotate_input(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """x' = x R for block-diagonal R given as (n, b, b); the same as running a Linear with W R^T on x.
+
+    Example:
+        >>> r = cayley(skew_symmetric(torch.randn(2, 6), 4))
+        >>> x, w = torch.randn(3, 8), torch.randn(5, 8)
+        >>> torch.allclose(rotate_input(x, r) @ w.T, x @ rotate_weight(w, r).T, atol=1e-5)
+        True
+    """
+    n, b, _ = rotations.shape
+    blocks = x.reshape(*x.shape[:-1], n, b)
+    return torch.einsum("...nc,nck->...nk", blocks, rotations.to(x.dtype)).reshape(x.shape)

@@ -148,3 +148,20 @@ def tiny_sdxl_pipeline(seed: int = 0):
         vae=_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer, unet=unet, scheduler=_scheduler(),
     )
+
+
+@torch.no_grad()
+def perturb_trainable(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> None:
+    """Add N(0, std) noise to every trainable parameter, as training would move them (for tests).
+
+    Example:
+        >>> layer = torch.nn.Linear(2, 2)
+        >>> before = layer.weight.clone()
+        >>> perturb_trainable(layer)
+        >>> bool((layer.weight != before).any())
+        True
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(torch.randn(p.shape, generator=generator).to(p) * std)

@@ -13,7 +13,7 @@ from studio.cli import main
 from studio.convert import from_kohya, to_kohya
 from studio.errors import StudioError
 from studio.pipeline import load
-from studio.testing import tiny_sd_pipeline
+from studio.testing import perturb_trainable, tiny_sd_pipeline
 
 
 def _unet_output(pipe):
@@ -32,11 +32,7 @@ def tiny_lora(tmp_path):
     pipe = load(str(model_dir), device="cpu", dtype="fp32")
     config = lora.LoRAConfig(rank=2, alpha=6.0)
     names = lora.inject(pipe.unet, config)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in pipe.unet.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_trainable(pipe.unet)
     path = save_artifact(tmp_path / "lora.safetensors", lora.state_dict(pipe.unet), "lora", asdict(config),
                          fingerprint(pipe.unet, names), lora.file_metadata(config))
     return model_dir, path, _unet_output(pipe)

@@ -7,7 +7,7 @@ import torch
 from studio import plugin, registry
 from studio.artifact import fingerprint, save_artifact
 from studio.errors import StudioError
-from studio.testing import tiny_sd_pipeline
+from studio.testing import perturb_trainable, tiny_sd_pipeline
 
 CONFIGS = {
     "lora": lambda a: a.LoRAConfig(rank=2, alpha=4.0),
@@ -31,11 +31,7 @@ def _trained_artifact(method, tmp_path, seed=0):
     config = CONFIGS[method](adapter)
     pipe = tiny_sd_pipeline()
     names = adapter.inject(pipe.unet, config)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in pipe.unet.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_trainable(pipe.unet, seed=seed)
     path = save_artifact(tmp_path / f"{method}.safetensors", adapter.state_dict(pipe.unet), method, asdict(config),
                          fingerprint(pipe.unet, names))
     return path, _unet_output(pipe)
@@ -142,11 +138,7 @@ def test_boft_single_factor_converts_to_peft(tmp_path):
     config = adapter.BOFTConfig(block_size=4, n_butterfly_factor=1)
     pipe = tiny_sd_pipeline()
     names = adapter.inject(pipe.unet, config)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in pipe.unet.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_trainable(pipe.unet)
     path = save_artifact(tmp_path / "boft.safetensors", adapter.state_dict(pipe.unet), "boft", asdict(config),
                          fingerprint(pipe.unet, names))
     trained = _unet_output(pipe)

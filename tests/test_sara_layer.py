@@ -68,10 +68,14 @@ def test_reselection_freezes_grown_entries_and_keeps_the_function():
     before = layer(x)
     total = layer.values.numel()
     frozen = layer.reselect()
-    assert 0 < frozen < total and layer.values.numel() + layer.frozen_values.numel() == total
+    assert 0 < frozen < total and int(layer.trainable.sum()) == total - frozen
     assert torch.allclose(layer(x), before, atol=1e-6)
-    still = base.weight.view(-1)[layer.indices] + layer.values.detach()
+    trainable = layer.trainable
+    still = base.weight.view(-1)[layer.indices][trainable] + layer.values.detach()[trainable]
     assert (still.abs() < layer.threshold).all()
+    # Frozen entries get no gradient, from the loss or from the nuclear norm.
+    (layer(x).sum() + nuclear_norm(layer)).backward()
+    assert (layer.values.grad[~trainable] == 0).all() and (layer.values.grad[trainable] != 0).any()
 
 
 def test_nuclear_norm_gradient_flows_to_values():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -147,7 +148,7 @@ def cache_examples(pipe, data: Dataset, cache_dir: Path | None = None, model: st
             if caption in pooled:
                 tensors[f"pooled.{i}"] = pooled[caption]
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # processes of one launch write side by side
         save_file(tensors, str(partial))
         partial.replace(path)
     return Cached(data, latents, text, pooled)

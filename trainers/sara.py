@@ -45,12 +45,8 @@ def after_step(unet: nn.Module, config: SaRAConfig, step: int, total_steps: int,
     """At half of training, re-select the ineffective entries and restart the optimizer on them."""
     if step != total_steps // 2:
         return
-    replaced = {}
     for layer in unet.modules():
         if isinstance(layer, SaRALayer):
-            before = layer.values
             layer.reselect()
-            replaced[id(before)] = layer.values
-    for group in optimizer.param_groups:
-        group["params"] = [replaced.get(id(p), p) for p in group["params"]]
+    # Fresh moments: frozen entries (zero gradient from now on) then never move, as in the reference.
     optimizer.state.clear()

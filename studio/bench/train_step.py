@@ -1,8 +1,9 @@
 """`studio bench train-step`: seconds per training step and peak memory, ours against PEFT and the floor.
 
 Entries, all on the same UNet, batch 1, fp32, AdamW:
-- `floor`: the same forward and backward with nothing trainable (the gradient
-  flows back to the input latents, the path every adapter needs anyway);
+- `floor`: the same forward and backward with nothing trainable (every entry
+  back-propagates to the input latents, so the floor is the same work minus
+  the adapter's);
 - `full`: every UNet weight trains;
 - `lora`, `oft`, `boft`, `sara`: our methods with their default configs;
 - `peft-lora`, `peft-oft`, `peft-boft`: PEFT's tuners with matched settings
@@ -13,10 +14,10 @@ Entries, all on the same UNet, batch 1, fp32, AdamW:
 Models: the toy UNet at its 16x16 latents, and an SD1.5-shaped UNet (860M
 random weights) at 32x32 latents.
 
-Timing: entries are interleaved round by round (each round builds every entry
-afresh on a copy of the UNet, warms it up with one step, then times
-`steps` steps), and the median over all timed steps is reported. Memory: each
-entry runs alone in a fresh process for a few steps; `peak_memory_mb` is the
+Timing (in one fresh process per model): entries are interleaved round by
+round (each round builds every entry afresh on a copy of the UNet, warms it up
+with one step, then times `steps` steps), and the median over all timed steps
+is reported. Memory: each entry runs alone in a fresh process for a few steps; `peak_memory_mb` is the
 peak resident memory during those steps on CPU (sampled every millisecond), or
 peak allocated CUDA memory on a GPU, weights included; `added_memory_mb` is
 the part above what was held just before the first step.
@@ -122,7 +123,8 @@ def peft_boft_factors(unet: nn.Module) -> int:
 
 def training_step(unet: nn.Module, batch: dict, optimizer: torch.optim.Optimizer | None) -> None:
     """One forward, MSE loss, backward and optimizer step."""
-    sample = batch["sample"].clone().requires_grad_(optimizer is None)  # the floor's backward needs a leaf
+    # Every entry back-propagates to the input too: then the floor is the very same work, minus the adapter's.
+    sample = batch["sample"].clone().requires_grad_(True)
     pred = unet(sample, batch["timestep"], batch["encoder_hidden_states"]).sample
     loss = F.mse_loss(pred.float(), torch.zeros_like(pred, dtype=torch.float32) + 0.1)
     loss.backward()
@@ -218,14 +220,16 @@ def measure_memory(model: str, entry: str, steps: int, device: str) -> dict:
     return result
 
 
-def _memory_in_subprocess(model: str, entry: str, steps: int, device: str) -> dict:
-    code = (
-        "import json; from studio.bench.train_step import measure_memory; "
-        f"print(json.dumps(measure_memory({model!r}, {entry!r}, {steps}, {device!r})))"
-    )
+def _in_subprocess(function: str, *args) -> dict:
+    """Run `function(*args)` of this module in a fresh Python and return its JSON result.
+
+    Every measurement gets its own process, so no run inherits another's memory (a freed SD1.5-sized
+    model is not always handed back to the system) or warm caches.
+    """
+    code = f"import json, studio.bench.train_step as m; print(json.dumps(m.{function}(*{args!r})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode:
-        raise StudioError(f"memory run of {entry} on {model} failed:\n{out.stderr[-2000:]}")
+        raise StudioError(f"bench run {function}{args} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -252,13 +256,13 @@ def train_step(
     for model in models:
         say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
         say(f"[{model}] timing {len(entries)} entries, {rounds} rounds x {steps} steps")
-        times = time_entries(model, entries, rounds, steps, device)
+        times = _in_subprocess("time_entries", model, entries, rounds, steps, device)
         floor = statistics.median(times["floor"])
         for entry in entries:
             say(f"[{model}] memory of {entry}")
             seconds = statistics.median(times[entry])
             metrics = {"seconds": round(seconds, 4), "ratio_to_floor": round(seconds / floor, 3)}
-            metrics.update(_memory_in_subprocess(model, entry, memory_steps, device))
+            metrics.update(_in_subprocess("measure_memory", model, entry, memory_steps, device))
             results[entry][model] = metrics
         for ours in ("oft", "boft"):
             peft = f"peft-{ours}"
