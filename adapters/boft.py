@@ -8,9 +8,13 @@ follows. The effective weight is W' = diag(s) W M^T (PEFT's convention).
 
 Unlike PEFT on a machine without its CUDA extension, every requested factor
 is used (PEFT silently falls back to one), and the permutations are index
-tensors, never dense d x d matrices: each factor is a column gather, a
-block rotation and a column scatter of the (out x in*kh*kw) weight. At init
-the generators are zero and s = 1, so the layer is exactly the base layer.
+tensors, never dense d x d matrices: each factor is a gather, a block
+rotation and a scatter. A Linear applies them to its input (x M, then the
+frozen layer and s): its backward then needs no full weight gradient, which
+`studio bench train-step` shows is what the weight path costs. A Conv2d
+applies them to its (out x in*kh*kw) weight, which keeps a 3x3 convolution
+exact. At init the generators are zero and s = 1, so the layer is exactly the
+base layer.
 
 Parameter layout follows PEFT (`boft_R`: m x n_blocks x b x b, `boft_s`:
 out x 1 on Linear, 1 x out on Conv2d), so files load into PEFT's BOFT.
@@ -31,7 +35,7 @@ import torch
 from torch import nn
 
 from studio.errors import StudioError
-from studio.orthogonal import cayley, rotate_weight
+from studio.orthogonal import cayley, rotate_input, rotate_weight
 from studio.targets import ATTENTION_PROJECTIONS, in_dim, layer_forward, wrap_targets
 
 
@@ -95,14 +99,34 @@ def transform(weight: torch.Tensor, params: dict[str, torch.Tensor], scale: floa
         >>> torch.equal(transform(w, params), w)
         True
     """
-    flat = weight.reshape(weight.shape[0], -1).float()
-    blocks = factor_rotations(params[R_PARAM], scale)
+    flat = _rotate_columns(weight.reshape(weight.shape[0], -1).float(), factor_rotations(params[R_PARAM], scale))
+    per_output = 1.0 + (params[S_PARAM].float().reshape(-1, 1) - 1.0) * scale
+    return (flat * per_output).reshape(weight.shape).to(weight.dtype)
+
+
+def _rotate_columns(flat: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """W M^T for a flat (out, dim) weight and the factors' blocks (m, n_blocks, b, b)."""
     m, _, b, _ = blocks.shape
     for (perm, inverse), factor in zip(_permutations(flat.shape[1], b, m), blocks):
         # W F_i^T = W P_i B_i^T P_i^T: gather columns, rotate blocks, scatter back.
         flat = rotate_weight(flat[:, inverse.to(flat.device)], factor)[:, perm.to(flat.device)]
-    per_output = 1.0 + (params[S_PARAM].float().reshape(-1, 1) - 1.0) * scale
-    return (flat * per_output).reshape(weight.shape).to(weight.dtype)
+    return flat
+
+
+def rotate_input_butterfly(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """x M for activations x (..., dim): the input-side twin of `transform`'s W M^T (factors in reverse).
+
+    Example:
+        >>> blocks = factor_rotations(torch.randn(2, 4, 4, 4) * 0.1)
+        >>> x, w = torch.randn(3, 16), torch.randn(5, 16)
+        >>> torch.allclose(rotate_input_butterfly(x, blocks) @ w.T, x @ _rotate_columns(w, blocks).T, atol=1e-5)
+        True
+    """
+    m, _, b, _ = blocks.shape
+    permutations = _permutations(x.shape[-1], b, m)
+    for (perm, inverse), factor in reversed(list(zip(permutations, blocks))):
+        x = rotate_input(x[..., inverse.to(x.device)], factor.to(x.dtype))[..., perm.to(x.device)]
+    return x
 
 
 class BOFTLayer(nn.Module):
@@ -141,6 +165,13 @@ class BOFTLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale == 0:
             return self.base_layer(x)
+        if isinstance(self.base_layer, nn.Linear):
+            # y = (x M) W^T diag(s) + b: the rotation acts on the activations, so the backward needs
+            # no full weight gradient (the weight path pays one tokens x out x in matmul per layer).
+            rotated = rotate_input_butterfly(x, factor_rotations(self.boft_R, self.scale))
+            per_output = 1.0 + (self.boft_s.reshape(-1) - 1.0) * self.scale
+            out = nn.functional.linear(rotated, self.base_layer.weight) * per_output.to(x.dtype)
+            return out + self.base_layer.bias if self.base_layer.bias is not None else out
         return layer_forward(self.base_layer, x, self.rotated_weight())
 
 

@@ -7,9 +7,9 @@ layer computes (x R) W^T = x (W R^T)^T: its effective weight is W' = W R^T.
 
 We apply R to the *weight* (out x in*kh*kw): a 3x3 convolution then stays an
 exact convolution (PEFT's unfold/fold on activations is not the base layer at
-identity), and the cost does not grow with the number of tokens. A Linear
-that sees fewer tokens than it has outputs rotates its input instead, which
-is the same layer at lower cost. At init Q = 0, so R = I and the layer is
+identity). A Linear rotates its input instead (x R, then the frozen layer):
+the same layer, and its backward needs no full weight gradient, which
+`studio bench train-step` shows is what the weight path costs. At init Q = 0, so R = I and the layer is
 exactly the base layer.
 
 Parameter layout follows PEFT (`oft_R`: n_blocks x b(b-1)/2, the strict upper
@@ -116,9 +116,9 @@ class OFTLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale == 0:
             return self.base_layer(x)
-        if isinstance(self.base_layer, nn.Linear) and x.numel() // x.shape[-1] < self.base_layer.out_features:
-            # Fewer tokens than outputs (deep levels; cross-attention reads 77 text tokens): rotating
-            # the input costs less than rotating the weight, and for a Linear it is the same layer.
+        if isinstance(self.base_layer, nn.Linear):
+            # For a Linear, rotating the input is the same layer, and its backward needs no full
+            # weight gradient (the weight path pays one tokens x out x in matmul per layer).
             return self.base_layer(rotate_input(x, self.rotations()))
         return layer_forward(self.base_layer, x, self.rotated_weight())
 

@@ -15,9 +15,9 @@ Models: the toy UNet at its 16x16 latents, and an SD1.5-shaped UNet (860M
 random weights) at 32x32 latents.
 
 Timing (in one fresh process per model): entries are interleaved round by
-round (each round builds every entry afresh on a copy of the UNet, warms it up
-with one step, then times `steps` steps), and the median over all timed steps
-is reported. Memory: each entry runs alone in a fresh process for a few steps; `peak_memory_mb` is the
+round, in a new seeded order each round (each round builds every entry afresh
+on a copy of the UNet, warms it up with one step, then times `steps` steps),
+and the median over all timed steps is reported. Memory: each entry runs alone in a fresh process for a few steps; `peak_memory_mb` is the
 peak resident memory during those steps on CPU (sampled every millisecond), or
 peak allocated CUDA memory on a GPU, weights included; `added_memory_mb` is
 the part above what was held just before the first step.
@@ -39,6 +39,7 @@ import threading
 import time
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -144,8 +145,9 @@ def time_entries(model: str, entries: list[str], rounds: int, steps: int, device
     device = torch.device(device)
     batch = {k: v.to(device) for k, v in batch.items()}
     times: dict[str, list[float]] = {entry: [] for entry in entries}
+    order = np.random.default_rng(0)
     for _ in range(rounds):
-        for entry in entries:
+        for entry in order.permutation(entries).tolist():  # a new order each round: no entry always follows `full`
             unet = copy.deepcopy(base)
             params = prepare(unet, entry)
             unet.to(device)
@@ -236,8 +238,8 @@ def _in_subprocess(function: str, *args) -> dict:
 def train_step(
     models: list[str] | None = None,
     entries: list[str] | None = None,
-    rounds: int = 3,
-    steps: int = 3,
+    rounds: int = 4,
+    steps: int = 2,
     memory_steps: int = 2,
     device: str = "cpu",
     progress: bool = True,
