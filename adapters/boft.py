@@ -11,7 +11,8 @@ is used (PEFT silently falls back to one), and the permutations are index
 tensors, never dense d x d matrices: each factor is a gather, a block
 rotation and a scatter. A Linear applies them to its input (x M, then the
 frozen layer and s): its backward then needs no full weight gradient, which
-`studio bench train-step` shows is what the weight path costs. A Conv2d
+`studio bench train-step` shows is what the weight path costs
+(benchmarks/results/train-step-weight-path.json vs train-step.json). A Conv2d
 applies them to its (out x in*kh*kw) weight, which keeps a 3x3 convolution
 exact. At init the generators are zero and s = 1, so the layer is exactly the
 base layer.

@@ -5,12 +5,13 @@ matrix R = blockdiag(R_1, ..., R_n), R_i = (I - Q_i)(I + Q_i)^-1 with Q_i
 skew-symmetric. In PEFT's row convention the rotated input is x R, so the
 layer computes (x R) W^T = x (W R^T)^T: its effective weight is W' = W R^T.
 
-We apply R to the *weight* (out x in*kh*kw): a 3x3 convolution then stays an
-exact convolution (PEFT's unfold/fold on activations is not the base layer at
-identity). A Linear rotates its input instead (x R, then the frozen layer):
-the same layer, and its backward needs no full weight gradient, which
-`studio bench train-step` shows is what the weight path costs. At init Q = 0, so R = I and the layer is
-exactly the base layer.
+A Conv2d gets R on its *weight* (out x in*kh*kw): a 3x3 convolution then
+stays an exact convolution (PEFT's unfold/fold on activations is not the base
+layer at identity). A Linear rotates its input instead (x R, then the frozen
+layer): the same layer, and its backward needs no full weight gradient, which
+is what the weight path costs (`studio bench train-step`:
+benchmarks/results/train-step-weight-path.json vs train-step.json). At init
+Q = 0, so R = I and the layer is exactly the base layer.
 
 Parameter layout follows PEFT (`oft_R`: n_blocks x b(b-1)/2, the strict upper
 triangle of each Q_i, row-major), so our files load into PEFT with

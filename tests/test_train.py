@@ -165,16 +165,20 @@ def test_cache_validation_images_and_logs(tmp_path):
 @pytest.mark.slow
 def test_accelerate_launch_with_two_processes(tmp_path):
     """The same command under `accelerate launch` with two CPU processes: one artifact, it applies."""
+    import os
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--multi_gpu", "--num_processes", "2",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "studio.cli", "train", "--method", "sara", "--data", STAR, "--max-train-steps", "4",
                "--train-batch-size", "2", "--checkpointing-steps", "2", "--output-dir", str(tmp_path)]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    # Without ACCELERATE_USE_CPU, a CPU-only launch starts two separate single-process runs.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "sara.safetensors").is_file()
     assert (tmp_path / "checkpoints" / "step-4").is_dir()
+    assert json.loads((tmp_path / "summary.json").read_text())["processes"] == 2
     pipe = load("toy")
     plugin.apply(pipe, tmp_path / "sara.safetensors")

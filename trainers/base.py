@@ -284,7 +284,8 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
             extra_metadata=adapter.file_metadata(method_config),
         )
         (output_dir / "summary.json").write_text(json.dumps(
-            {"steps": config.max_train_steps, "trainable_params": trainable, "final_loss": loss_value,
+            {"steps": config.max_train_steps, "processes": accelerator.num_processes, "trainable_params": trainable,
+             "final_loss": loss_value,
              "seconds": round(time.time() - start, 2), "data": dataset.summary(), "config": asdict(config)}, indent=2))
     accelerator.end_training()
     return TrainResult(artifact, config.max_train_steps, time.time() - start, trainable, loss_value, dataset.summary())
