@@ -101,8 +101,12 @@ def transform(weight: torch.Tensor, params: dict[str, torch.Tensor], scale: floa
         True
     """
     flat = _rotate_columns(weight.reshape(weight.shape[0], -1).float(), factor_rotations(params[R_PARAM], scale))
-    per_output = 1.0 + (params[S_PARAM].float().reshape(-1, 1) - 1.0) * scale
-    return (flat * per_output).reshape(weight.shape).to(weight.dtype)
+    return (flat * output_scales(params[S_PARAM].float(), scale)[:, None]).reshape(weight.shape).to(weight.dtype)
+
+
+def output_scales(boft_s: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """The per-output scale s as a vector (out,), moved `scale` of the way from 1."""
+    return 1.0 + (boft_s.reshape(-1) - 1.0) * scale
 
 
 def _rotate_columns(flat: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -170,8 +174,7 @@ class BOFTLayer(nn.Module):
             # y = (x M) W^T diag(s) + b: the rotation acts on the activations, so the backward needs
             # no full weight gradient (the weight path pays one tokens x out x in matmul per layer).
             rotated = rotate_input_butterfly(x, factor_rotations(self.boft_R, self.scale))
-            per_output = 1.0 + (self.boft_s.reshape(-1) - 1.0) * self.scale
-            out = nn.functional.linear(rotated, self.base_layer.weight) * per_output.to(x.dtype)
+            out = nn.functional.linear(rotated, self.base_layer.weight) * output_scales(self.boft_s, self.scale).to(x.dtype)
             return out + self.base_layer.bias if self.base_layer.bias is not None else out
         return layer_forward(self.base_layer, x, self.rotated_weight())
 

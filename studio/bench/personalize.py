@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -142,7 +141,3 @@ def personalize(
         "data": DATA,
     }
     return results
-
-
-def to_json(results: dict) -> str:
-    return json.dumps(results, indent=2)

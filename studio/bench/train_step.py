@@ -17,10 +17,11 @@ random weights) at 32x32 latents.
 Timing (in one fresh process per model): entries are interleaved round by
 round, in a new seeded order each round (each round builds every entry afresh
 on a copy of the UNet, warms it up with one step, then times `steps` steps),
-and the median over all timed steps is reported. Memory: each entry runs alone in a fresh process for a few steps; `peak_memory_mb` is the
-peak resident memory during those steps on CPU (sampled every millisecond), or
-peak allocated CUDA memory on a GPU, weights included; `added_memory_mb` is
-the part above what was held just before the first step.
+and the median over all timed steps is reported. Memory: each entry runs
+alone in a fresh process for a few steps; `peak_memory_mb` is the peak
+resident memory during those steps on CPU (sampled every millisecond), or peak
+allocated CUDA memory on a GPU, weights included; `added_memory_mb` is the
+part above what was held just before the first step.
 
 Example:
     $ studio bench train-step --json --output benchmarks/results/train-step.json
