@@ -211,9 +211,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from studio.artifact import read_header
 
     header = read_header(args.file)
-    print(json.dumps({"method": header.method, "version": header.version, "config": header.config,
-                      "fingerprint": {"model": header.fingerprint.get("model"), "layers": len(header.fingerprint.get("layers", {}))},
-                      "metadata": sorted(header.extra)}, indent=2))
+    result = {"method": header.method, "version": header.version, "config": header.config,
+              "fingerprint": {"model": header.fingerprint.get("model"), "layers": len(header.fingerprint.get("layers", {}))},
+              "metadata": sorted(header.extra)}
+    if args.model is not None:  # also check it fits that base model (layer shapes only, no weights loaded)
+        from studio.artifact import check_fingerprint
+        from studio.pipeline import unet_skeleton
+
+        check_fingerprint(header.fingerprint, unet_skeleton(args.model, args.model_config), args.file)
+        result["fits_model"] = args.model
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -230,6 +237,34 @@ def cmd_convert(args: argparse.Namespace) -> int:
     else:
         written = from_kohya(source, args.output, model=args.model)
     print(f"wrote {written}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    user, sep, password = (args.auth or "").partition(":")
+    if args.auth is not None and not (sep and user and password):
+        raise StudioError(f"--auth needs USER:PASSWORD (got {args.auth!r})")
+    data_dir = Path(args.data_dir).resolve()
+    # Uploads and every temporary file stay inside the data folder (set before gradio is imported).
+    (data_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    os.environ["GRADIO_TEMP_DIR"] = os.environ["TMPDIR"] = str(data_dir / "tmp")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from studio.ui.app import build_app
+
+    if args.model != TOY_MODEL:  # fail before the server starts, with the same message the page would show
+        from studio.pipeline import unet_skeleton
+
+        unet_skeleton(args.model, args.model_config)
+    app = build_app(data_dir, model=args.model, workers=args.workers)
+    if args.model_config:
+        app.studio.default_model["model_config"] = args.model_config
+    print(f"Diffusion Studio: data in {data_dir}; {args.workers} worker(s)")
+    app.queue(default_concurrency_limit=8).launch(
+        server_name=args.host, server_port=args.port, share=args.share, auth=(user, password) if args.auth else None,
+        allowed_paths=[str(data_dir)], max_file_size="200mb", show_error=False, footer_links=["api"],
+    )
     return 0
 
 
@@ -268,8 +303,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=TOY_MODEL, help="--to diffusers: the base model the kohya file was made for")
     p.set_defaults(func=cmd_convert)
 
+    p = commands.add_parser("serve", help="the web app: train, compose and sample in the browser")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    p.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="ask for this login")
+    p.add_argument("--data-dir", default="outputs/studio", help="jobs, uploads and artifacts live here (default outputs/studio)")
+    p.add_argument("--workers", type=int, default=2, help="jobs that run at once (each in its own process)")
+    p.add_argument("--model", default=TOY_MODEL, help="the base model the page starts with ('toy', a diffusers folder, ...)")
+    p.add_argument("--model-config", default=None, help="diffusers folder giving the architecture of a single-file --model")
+    p.set_defaults(func=cmd_serve)
+
     p = commands.add_parser("inspect", help="print an artifact's header")
     p.add_argument("file")
+    p.add_argument("--model", default=None, help="also check the file fits this base model ('toy', a diffusers folder)")
+    p.add_argument("--model-config", default=None, help="diffusers folder giving the architecture of a single-file --model")
     p.set_defaults(func=cmd_inspect)
 
     bench = commands.add_parser("bench", help="measure the methods").add_subparsers(dest="bench_command", required=True, metavar="BENCH")

@@ -193,6 +193,30 @@ def load(
     return pipe
 
 
+def unet_skeleton(model: str = TOY_MODEL, config: str | None = None):
+    """The UNet of `model` built on the meta device from its config: every layer's shape, no weights
+    read. Enough to check an artifact's fingerprint against a model in a second (`studio inspect --model`).
+
+    `model` is "toy" or a diffusers folder; for a single-file checkpoint pass `config`, a diffusers
+    folder of the same architecture.
+
+    Example:
+        >>> unet_skeleton("toy").conv_in.weight.shape
+        torch.Size([32, 4, 3, 3])
+    """
+    from diffusers import UNet2DConditionModel
+
+    folder = toy_model_path() if model == TOY_MODEL else Path(config or model).expanduser()
+    unet_config = folder / "unet" / "config.json"
+    if not unet_config.is_file():
+        raise StudioError(
+            f"no UNet config at {unet_config}: pass 'toy', a diffusers folder, or a single-file checkpoint "
+            "together with --model-config (a diffusers folder of the same architecture)"
+        )
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(folder / "unet")))
+
+
 def _looks_like_hub_id(model: str) -> bool:
     parts = model.split("/")
     return len(parts) == 2 and all(parts) and not model.startswith((".", "/", "~"))

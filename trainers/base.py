@@ -22,6 +22,8 @@ import json
 import math
 import os
 import re
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -243,36 +245,56 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
         start_step = int(CHECKPOINT_PATTERN.fullmatch(checkpoint.name).group(1))
     accelerator.init_trackers("studio", config={k: str(v) for k, v in asdict(config).items()})
 
-    # 3. The loop.
+    # 3. The loop. SIGTERM/SIGINT ask it to stop after the current step: it saves a checkpoint
+    # there, so `--resume latest` continues exactly (the app's Stop button sends SIGTERM).
     start = time.time()
     loss_value = math.nan
-    bar = tqdm(range(start_step, config.max_train_steps), initial=start_step, total=config.max_train_steps,
-               desc=f"train {config.method}", disable=not accelerator.is_local_main_process)
-    for step in bar:
-        rng, generator = _step_generators(config.seed, step, accelerator.process_index)
-        torch.manual_seed(int(rng.integers(2**31)))  # adapter dropout and the like
-        device = accelerator.device
-        with accelerator.accumulate(unet):
-            # The data's loss, plus the prior set's (same batch size) weighted by prior_loss_weight.
-            loss = 0.0
-            for which, part in enumerate(cached):
-                weight = config.prior_loss_weight if which else 1.0
-                loss = loss + weight * batch_loss(unet, part, config, noise_scheduler, rng, generator, device)
-            if hasattr(trainer, "extra_loss"):  # a method's own term, e.g. SaRA's nuclear norm
-                loss = loss + trainer.extra_loss(accelerator.unwrap_model(unet), method_config, rng)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if hasattr(trainer, "after_step"):  # e.g. SaRA's progressive re-selection
-            trainer.after_step(accelerator.unwrap_model(unet), method_config, step + 1, config.max_train_steps, optimizer)
-        loss_value = float(loss.detach())
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-        accelerator.log({"loss": loss_value}, step=step + 1)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metrics = (output_dir / "metrics.jsonl").open("a") if accelerator.is_main_process else None
+    stop = _StopRequest()
+    try:
+        bar = tqdm(range(start_step, config.max_train_steps), initial=start_step, total=config.max_train_steps,
+                   desc=f"train {config.method}", disable=not accelerator.is_local_main_process)
+        for step in bar:
+            rng, generator = _step_generators(config.seed, step, accelerator.process_index)
+            torch.manual_seed(int(rng.integers(2**31)))  # adapter dropout and the like
+            device = accelerator.device
+            with accelerator.accumulate(unet):
+                # The data's loss, plus the prior set's (same batch size) weighted by prior_loss_weight.
+                loss = 0.0
+                for which, part in enumerate(cached):
+                    weight = config.prior_loss_weight if which else 1.0
+                    loss = loss + weight * batch_loss(unet, part, config, noise_scheduler, rng, generator, device)
+                if hasattr(trainer, "extra_loss"):  # a method's own term, e.g. SaRA's nuclear norm
+                    loss = loss + trainer.extra_loss(accelerator.unwrap_model(unet), method_config, rng)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if hasattr(trainer, "after_step"):  # e.g. SaRA's progressive re-selection
+                trainer.after_step(accelerator.unwrap_model(unet), method_config, step + 1, config.max_train_steps, optimizer)
+            loss_value = float(loss.detach())
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            accelerator.log({"loss": loss_value}, step=step + 1)
+            if metrics:  # one line per step, flushed, for live plots (the app's loss plot reads it)
+                metrics.write(json.dumps({"step": step + 1, "total": config.max_train_steps, "loss": loss_value,
+                                          "seconds": round(time.time() - start, 3)}) + "\n")
+                metrics.flush()
 
-        if config.checkpointing_steps and (step + 1) % config.checkpointing_steps == 0:
-            accelerator.save_state(str(output_dir / "checkpoints" / f"step-{step + 1}"))
-        if config.validation_prompt and config.validation_steps and (step + 1) % config.validation_steps == 0:
-            _validate(pipe, config, step + 1, output_dir, accelerator)
+            if config.checkpointing_steps and (step + 1) % config.checkpointing_steps == 0:
+                accelerator.save_state(str(output_dir / "checkpoints" / f"step-{step + 1}"))
+            if config.validation_prompt and config.validation_steps and (step + 1) % config.validation_steps == 0:
+                _validate(pipe, config, step + 1, output_dir, accelerator)
+            if stop.requested and step + 1 < config.max_train_steps:
+                checkpoint = output_dir / "checkpoints" / f"step-{step + 1}"
+                accelerator.save_state(str(checkpoint))
+                bar.close()
+                accelerator.end_training()
+                raise TrainingStopped(f"stopped at step {step + 1} of {config.max_train_steps}; checkpoint in {checkpoint}; "
+                                      "continue with --resume latest")
+    finally:
+        stop.restore()
+        if metrics:
+            metrics.close()
 
     # 4. The artifact.
     accelerator.wait_for_everyone()
@@ -289,6 +311,32 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
              "seconds": round(time.time() - start, 2), "data": dataset.summary(), "config": asdict(config)}, indent=2))
     accelerator.end_training()
     return TrainResult(artifact, config.max_train_steps, time.time() - start, trainable, loss_value, dataset.summary())
+
+
+class TrainingStopped(StudioError):
+    """The run was asked to stop (SIGTERM/SIGINT) and saved a checkpoint to resume from."""
+
+
+class _StopRequest:
+    """Turns SIGTERM and SIGINT into a flag the loop checks after each step (main thread only:
+    Python delivers signals there; elsewhere the previous behaviour is kept)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._request)
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 @torch.no_grad()

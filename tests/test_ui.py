@@ -1,0 +1,211 @@
+"""The web app end to end through `gradio_client`, against `studio serve` in a subprocess:
+train a LoRA on the toy model, watch it, sample with it; and every upload check."""
+
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+STEPS = 6
+
+
+def form_values(client: Client, api_name: str, **overrides):
+    """Every input of an endpoint by position, from the page's defaults; `overrides` by label."""
+    params = client.view_api(return_format="dict", print_info=False)["named_endpoints"][api_name]["parameters"]
+    values, unused = [], dict(overrides)
+    for param in params:
+        if param["label"] in unused:
+            values.append(unused.pop(param["label"]))
+        else:
+            values.append(param.get("parameter_default"))
+    assert not unused, f"no such inputs: {unused}"
+    return values
+
+
+def start(client: Client, values) -> tuple[str, str]:
+    """Start a run from the Train form; returns (job id, the command shown)."""
+    job, command = client.predict(*values, api_name="/start_train")
+    return (job["value"] if isinstance(job, dict) else job), command
+
+
+def error_of(call) -> str:
+    """The message a call shows in the page (gradio_client raises it as an AppError)."""
+    with pytest.raises(Exception) as info:
+        call()
+    return str(info.value)
+
+
+def watch(client: Client, job_id: str, timeout: float = 300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status, progress, loss, gallery, artifact, log = client.predict(job_id, api_name="/watch_train")
+        if any(word in status for word in ("**done**", "**failed**", "**stopped**")):
+            return status, progress, loss, gallery, artifact, log
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} did not finish: {status}\n{log}")
+
+
+@pytest.fixture(scope="module")
+def trained(studio_server):
+    """A LoRA trained through the page for a few steps, with validation images."""
+    url, root = studio_server
+    client = Client(url, verbose=False)
+    values = form_values(
+        client, "/start_train", method="lora",
+        **{"ShapesWorld spec": "shapesworld:shape=star,count=4,colors=red|blue,caption=a {color} sks",
+           "max train steps": STEPS, "train batch size": 2, "learning rate": 1e-3, "validation prompt": "a red sks",
+           "validation steps": 3, "rank": 4},
+    )
+    job_id, command = start(client, values)
+    return client, job_id, command, watch(client, job_id), root
+
+
+def test_train_through_the_page(trained):
+    client, job_id, command, (status, progress, loss, gallery, artifact, log), root = trained
+    assert "**done**" in status, log
+    assert command.startswith("studio train --method lora --data 'shapesworld:") and "--max-train-steps 6" in command
+    assert f"step {STEPS} / {STEPS}" in progress
+    assert list(loss["data"]) and len(loss["data"]) == STEPS  # one loss point per step
+    assert len(gallery) == 8  # 4 validation images at steps 3 and 6
+    assert artifact and artifact["path"].endswith("lora.safetensors") if isinstance(artifact, dict) else artifact.endswith("lora.safetensors")
+    assert (root / "data" / "jobs" / job_id / "out" / "lora.safetensors").is_file()
+
+
+def _images(gallery) -> list[np.ndarray]:
+    paths = [item["image"] if isinstance(item, dict) else item for item in gallery]
+    paths = [p["path"] if isinstance(p, dict) else p for p in paths]
+    return [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) for p in paths]
+
+
+def test_sample_with_the_trained_artifact(trained, studio_server):
+    client, job_id, _, _, root = trained
+    artifact = str(root / "data" / "jobs" / job_id / "out" / "lora.safetensors")
+    settings = dict(prompts="a red sks", negative="", seeds="0 1", steps=10, guidance=5.0, scheduler="model default",
+                    width=None, height=None)
+    message = client.predict(artifact, api_name="/add_artifact")
+    assert "lora" in message
+    gallery, command, info = client.predict(*settings.values(), api_name="/sample")
+    with_adapter = _images(gallery)
+    assert len(with_adapter) == 2 and with_adapter[0].shape == (32, 32, 3)
+    assert f"--adapter {artifact}:1" in command and "--seed 0 1" in command
+    assert all(image.std() > 5 for image in with_adapter)  # real pictures, not a flat colour
+    # The same prompt and seeds on the base model (a fresh session has an empty stack) differ.
+    base = _images(Client(studio_server[0], verbose=False).predict(*settings.values(), api_name="/sample")[0])
+    assert len(base) == 2
+    assert max(np.abs(a - b).mean() for a, b in zip(with_adapter, base)) > 1.0
+
+
+def test_stop_and_resume(studio_server):
+    url, root = studio_server
+    client = Client(url, verbose=False)
+    values = form_values(client, "/start_train", method="lora",
+                         **{"ShapesWorld spec": "shapesworld:shape=heart,count=2,caption=a {color} sks",
+                            "max train steps": 400, "train batch size": 1})
+    job_id, _ = start(client, values)
+    deadline = time.time() + 120
+    while "step " not in client.predict(job_id, api_name="/watch_train")[1]:
+        assert time.time() < deadline, "training never started"
+        time.sleep(0.5)
+    client.predict(job_id, api_name="/stop_train")
+    status = watch(client, job_id)[0]
+    assert "**stopped**" in status and "continue with --resume latest" in status
+    checkpoints = list((root / "data" / "jobs" / job_id / "out" / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1
+    stopped_at = int(checkpoints[0].name[5:])
+    assert 0 < stopped_at < 400
+    client.predict(job_id, api_name="/resume_train")
+    status, _, loss, _, artifact, log = watch(client, job_id)
+    assert "**done**" in status, log
+    full_log = (root / "data" / "jobs" / job_id / "log.txt").read_text()
+    assert full_log.count("$ studio train") == 2 and "--resume latest" in full_log.splitlines()[-1] or \
+        "--resume latest" in [line for line in full_log.splitlines() if line.startswith("$ ")][-1]
+    assert f"{stopped_at}/400" in full_log  # the second run started at the checkpoint
+    assert [row[0] for row in loss["data"]] == list(range(1, 401))
+
+
+def test_upload_checks(studio_server, tmp_path):
+    url, root = studio_server
+    client = Client(url, verbose=False)
+    upload = form_values(client, "/start_train", method="lora", dataset="upload")
+    files_at = [p["label"] for p in client.view_api(return_format="dict", print_info=False)
+                ["named_endpoints"]["/start_train"]["parameters"]].index("images + .txt captions (same names)")
+
+    def start_with(*paths):
+        values = list(upload)
+        values[files_at] = [handle_file(str(p)) for p in paths]
+        return client.predict(*values, api_name="/start_train")
+
+    text = tmp_path / "notes.png"
+    text.write_text("this is not a picture")
+    assert "notes.png is not a readable image" in error_of(lambda: start_with(text))
+    pdf = tmp_path / "paper.pdf"
+    pdf.write_bytes(b"%PDF-1.4")
+    assert "paper.pdf is not an image" in error_of(lambda: start_with(pdf))
+    huge = tmp_path / "huge.png"
+    Image.new("RGB", (4200, 4200)).save(huge)
+    assert "huge.png is 4200x4200 pixels" in error_of(lambda: start_with(huge))
+
+    # A path outside the data folder, named directly (as a hand-written API call would).
+    assert "outside the app's data folder" in error_of(lambda: client.predict("/etc/passwd", api_name="/add_artifact"))
+    assert "outside the app's data folder" in error_of(
+        lambda: client.predict(str(root / "data" / ".." / "server.log"), api_name="/add_artifact"))
+
+    # An artifact made on another base model (a layer the toy UNet has with another shape).
+    from studio.artifact import save_artifact
+
+    import torch
+
+    other = tmp_path / "other.safetensors"
+    layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_artifact(other, {f"{layer}.lora_A.weight": torch.zeros(4, 320)}, "lora", {"rank": 4},
+                  {"model": "UNet2DConditionModel", "layers": {layer: [320, 320]}})
+    assert "was made on another base model" in error_of(
+        lambda: client.predict(handle_file(str(other)), api_name="/upload_artifact"))
+    # ... and a file that is not an artifact at all.
+    assert ".safetensors" in error_of(lambda: client.predict(handle_file(str(pdf)), api_name="/upload_artifact"))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json")
+    assert "junk.safetensors" in error_of(lambda: client.predict(handle_file(str(junk)), api_name="/upload_artifact"))
+    assert not (root / "data" / "artifacts").exists() or not list((root / "data" / "artifacts").rglob("*.safetensors"))
+
+
+def test_good_upload_trains(studio_server, tmp_path):
+    """Images + captions uploaded from the page become the job's dataset (copied into its folder)."""
+    url, root = studio_server
+    client = Client(url, verbose=False)
+    from studio.toy.render import ShapeSpec, render
+
+    paths = []
+    for i, color in enumerate(["red", "blue"]):
+        image = tmp_path / f"{i}.png"
+        Image.fromarray(render(ShapeSpec("star", color, "plain", "white", "large", "center"), 32, 32).image).save(image)
+        (tmp_path / f"{i}.txt").write_text(f"a {color} sks")
+        paths += [image, tmp_path / f"{i}.txt"]
+    values = form_values(client, "/start_train", method="lora", dataset="upload",
+                         **{"max train steps": 2, "train batch size": 1})
+    names = [p["label"] for p in client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/start_train"]["parameters"]]
+    values[names.index("images + .txt captions (same names)")] = [handle_file(str(p)) for p in paths]
+    job_id, command = start(client, values)
+    status, *_, log = watch(client, job_id)
+    assert "**done**" in status, log
+    data = root / "data" / "jobs" / job_id / "data"
+    assert sorted(p.name for p in data.iterdir()) == ["0.png", "0.txt", "1.png", "1.txt"]
+    assert f"--data {data}" in command
+
+
+def test_jobs_listed_with_logs(trained):
+    client, job_id, *_ = trained
+    status, command, outputs, log = client.predict(job_id, api_name="/job_details")
+    assert "**done**" in status and command.startswith("studio train")
+    assert any(str(o).endswith("lora.safetensors") for o in outputs)
+    assert "train lora" in log
+
+
+def test_nothing_written_outside_the_data_folder(studio_server, trained):
+    url, root = studio_server
+    for name in ("cwd", "home", "tmp"):
+        assert not list((root / name).rglob("*")), f"the app wrote into {name}: {list((root / name).rglob('*'))[:5]}"

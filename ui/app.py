@@ -1,0 +1,535 @@
+"""The Gradio app behind `studio serve`: Model, Train, Compose & Sample and Jobs tabs.
+
+The app holds no method logic: every run it starts is a `studio` command line (shown in the
+page, to copy) queued as a background job (`studio.ui.jobs`), and its forms are built from the
+registry and the methods' config dataclasses, so a method that is registered appears here with
+no UI code of its own. A tab exists only for a kind of method that has methods: today
+"adapter" (Train); Erase and Quantize join when their methods land.
+
+Example:
+    >>> from studio.ui.app import build_app  # doctest: +SKIP
+    >>> build_app("outputs/studio").launch()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import re
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from studio import registry
+from studio.errors import StudioError
+from studio.pipeline import SCHEDULERS, TOY_MODEL
+from studio.ui import uploads
+from studio.ui.jobs import DONE, JobQueue
+
+# ShapesWorld datasets one click away (edit the spec in the page for others).
+SHAPESWORLD_PRESETS = {
+    "star, 8 renders, 'a {color} sks'": "shapesworld:shape=star,count=8,colors=red|green|blue|yellow,caption=a {color} sks",
+    "heart, 8 renders, 'a {color} sks'": "shapesworld:shape=heart,count=8,colors=red|green|blue|yellow,caption=a {color} sks",
+    "seen shapes, 120 renders, full captions": "shapesworld:shape=seen,count=120,caption={caption}",
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A tab for one kind of registered method: its title, its `studio` command and shared config."""
+
+    title: str
+    command: str
+    config_cls: type
+    hidden: tuple[str, ...]  # config fields the page sets itself (model, data, output folder, ...)
+
+
+def _tasks() -> dict[str, Task]:
+    from studio.trainers.base import TrainConfig
+
+    return {
+        "adapter": Task("Train", "train", TrainConfig,
+                        ("method", "model", "data", "output_dir", "resume", "cache_dir", "method_options")),
+    }
+
+
+# -- forms from config dataclasses ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Field:
+    """One option of a config dataclass, as a form field and a CLI flag."""
+
+    owner: str  # "common" or a method name
+    name: str
+    hint: typing.Any
+    default: typing.Any
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def base_type(self):
+        args = [a for a in typing.get_args(self.hint) if a is not type(None)]
+        return args[0] if type(None) in typing.get_args(self.hint) and len(args) == 1 else self.hint
+
+    def component(self) -> gr.components.Component:
+        label = self.name.replace("_", " ")
+        kind = self.base_type
+        if kind is bool:
+            return gr.Checkbox(value=self.default, label=label)
+        if kind in (int, float):
+            return gr.Number(value=self.default, label=label, precision=0 if kind is int else None)
+        if typing.get_origin(kind) is list:
+            return gr.Textbox(value=",".join(self.default), label=label + " (comma-separated)")
+        return gr.Textbox(value=self.default or "", label=label)
+
+    def argv(self, value) -> list[str]:
+        """The flag for `value`, or nothing where it is the default (the command stays short)."""
+        kind = self.base_type
+        if value in (None, "") or (typing.get_origin(kind) is list and not str(value).strip()):
+            return []
+        if kind is bool:
+            return [] if bool(value) == bool(self.default) else [self.flag if value else "--no-" + self.flag[2:]]
+        if kind is int:
+            if float(value) != int(float(value)):
+                raise StudioError(f"{self.name} must be a whole number (got {value})")
+            value = int(float(value))
+        elif kind is float:
+            value = float(value)
+        elif typing.get_origin(kind) is list:
+            value = ",".join(part.strip() for part in str(value).split(",") if part.strip())
+            if value == ",".join(self.default):
+                return []
+        if value == self.default:
+            return []
+        return [self.flag, str(value)]
+
+
+def config_fields(owner: str, config, skip: tuple[str, ...] = ()) -> list[Field]:
+    """The fields of a config dataclass instance (or class), with their type hints and defaults."""
+    hints = typing.get_type_hints(config if isinstance(config, type) else type(config))
+    fields = []
+    for f in dataclasses.fields(config):
+        if f.name in skip:
+            continue
+        if isinstance(config, type):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        else:
+            default = getattr(config, f.name)
+        fields.append(Field(owner, f.name, hints[f.name], default))
+    return fields
+
+
+# -- the app ------------------------------------------------------------------------------
+
+
+def shows_errors(fn):
+    """Show a `StudioError` as an error message in the page (it stays until closed), never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except StudioError as err:
+            raise gr.Error(str(err), duration=None) from None
+
+    return wrapper
+
+
+class Studio:
+    """The app's state (its data folder and job queue) and every handler the page calls."""
+
+    def __init__(self, data_dir: str | Path, model: str = TOY_MODEL, workers: int = 1) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.upload_dir = self.data_dir / "tmp"  # where the web server puts uploads (GRADIO_TEMP_DIR)
+        self.artifact_dir = self.data_dir / "artifacts"  # uploaded artifacts, after their checks
+        self.queue = JobQueue(self.data_dir, workers=workers)
+        self.default_model = {"model": model, "model_config": None}
+        self.tasks = {kind: task for kind, task in _tasks().items()
+                      if any(m.kind == kind for m in registry.METHODS.values())}
+
+    # -- Model ----------------------------------------------------------------------------
+
+    @shows_errors
+    def choose_model(self, source: str, path: str, model_config: str) -> tuple[dict, str]:
+        """Check the chosen base model (a weightless UNet from its config) and make it current."""
+        from studio.pipeline import check_safetensors, unet_skeleton
+
+        path, model_config = (path or "").strip(), (model_config or "").strip() or None
+        if source == "toy model":
+            model, model_config = TOY_MODEL, None
+        elif not path:
+            raise StudioError(f"give the path of the {source}")
+        else:
+            model = str(Path(path).expanduser())
+            if source == "single-file checkpoint":
+                if not Path(model).is_file() or Path(model).suffix not in (".safetensors", ".ckpt"):
+                    raise StudioError(f"{model} is not a .safetensors or .ckpt file")
+                if Path(model).suffix == ".safetensors":
+                    check_safetensors(Path(model))
+                if model_config is None:
+                    raise StudioError("a single-file checkpoint needs a model config folder offline "
+                                      "(a diffusers folder of the same architecture)")
+            elif not (Path(model) / "model_index.json").is_file():
+                raise StudioError(f"{model} is not a diffusers folder (no model_index.json in it)")
+        unet = unet_skeleton(model, model_config)
+        state = {"model": model, "model_config": model_config}
+        return state, self.describe_model(state, unet)
+
+    def describe_model(self, state: dict, unet=None) -> str:
+        from studio.pipeline import unet_skeleton
+
+        unet = unet or unet_skeleton(state["model"], state["model_config"])
+        params = sum(p.numel() for p in unet.parameters())
+        return (f"**Current model:** `{state['model']}`" + (f" (config `{state['model_config']}`)" if state["model_config"] else "")
+                + f" — UNet {params / 1e6:.1f}M parameters, {unet.config.sample_size * 8}px native size, "
+                  f"cross-attention dim {unet.config.cross_attention_dim}")
+
+    def model_argv(self, state: dict) -> list[str]:
+        return ["--model", state["model"]] + (["--model-config", state["model_config"]] if state["model_config"] else [])
+
+    # -- Train (and every later kind of job built the same way) ------------------------------
+
+    def fields(self, kind: str) -> tuple[list[Field], dict[str, list[Field]]]:
+        """The shared options of a kind's command, and each of its methods' own options."""
+        task = self.tasks[kind]
+        common = config_fields("common", task.config_cls, task.hidden)
+        per_method = {m.name: config_fields(m.name, m.trainer.default_config({}))
+                      for m in registry.METHODS.values() if m.kind == kind}
+        return common, per_method
+
+    @shows_errors
+    def start(self, kind: str, model_state: dict, method: str, source: str, spec: str, files: list | None,
+              *values) -> tuple[dict, str]:
+        """Queue `studio <command> --method M ...` from the form; returns the job picker and the command."""
+        common, per_method = self.fields(kind)
+        every = common + [f for fields in per_method.values() for f in fields]
+        if len(values) != len(every):
+            raise StudioError(f"the form sent {len(values)} option values, expected {len(every)}; reload the page")
+        method = registry.get(method).name
+        job = self.queue.create(self.tasks[kind].command, f"{method} on {_short(spec) if source == 'ShapesWorld' else 'upload'}")
+        if source == "ShapesWorld":
+            from studio.data import parse_shapesworld_spec
+
+            spec = (spec or "").strip()
+            parse_shapesworld_spec(spec.removeprefix("shapesworld:"))  # a bad spec fails here, not in the job
+            data = spec if spec.startswith("shapesworld:") else "shapesworld:" + spec
+        else:
+            uploads.copy_dataset(files or [], self.upload_dir, Path(job.folder) / "data")
+            data = str(Path(job.folder) / "data")
+        argv = [self.tasks[kind].command, "--method", method, "--data", data, *self.model_argv(model_state),
+                "--output-dir", str(job.out)]
+        for field, value in zip(every, values):
+            if field.owner in ("common", method):
+                argv += field.argv(value)
+        self.queue.submit(job, argv)
+        return gr.update(choices=self.job_choices(self.tasks[kind].command), value=job.id), job.command
+
+    @shows_errors
+    def stop(self, job_id: str | None) -> str:
+        if not job_id:
+            raise StudioError("pick a job first")
+        return self.status_line(self.queue.stop(job_id).id)
+
+    @shows_errors
+    def resume(self, job_id: str | None) -> str:
+        if not job_id:
+            raise StudioError("pick a job first")
+        job = self.queue.get(job_id)
+        if job.kind != "train":
+            raise StudioError(f"job {job_id} is a {job.kind} job; only training jobs resume from a checkpoint")
+        extra = ["--resume", "latest"] if (job.out / "checkpoints").is_dir() else []
+        return self.status_line(self.queue.resume(job_id, extra).id)
+
+    def job_choices(self, kind: str | None = None) -> list[tuple[str, str]]:
+        return [(f"{j.id} · {j.title} · {j.status}", j.id) for j in self.queue.list() if kind in (None, j.kind)]
+
+    def status_line(self, job_id: str) -> str:
+        job = self.queue.get(job_id)
+        return f"**{job.status}** — {job.title}" + (f": {job.message}" if job.message else "")
+
+    def watch(self, job_id: str | None):
+        """Progress, loss curve, validation images, artifact and log of a training job (polled)."""
+        import pandas as pd
+
+        empty = pd.DataFrame({"step": [], "loss": []})
+        if not job_id or job_id not in {j.id for j in self.queue.list()}:
+            return "", "", empty, [], None, ""
+        job = self.queue.get(job_id)
+        rows = {}
+        metrics = job.out / "metrics.jsonl"
+        if metrics.is_file():
+            for line in metrics.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line being written
+                rows[row["step"]] = row  # a resumed run rewrites the steps after its checkpoint
+        if rows:
+            last = rows[max(rows)]
+            done = last["step"] / last["total"]
+            progress = (f"<progress value='{last['step']}' max='{last['total']}' style='width:100%'></progress>"
+                        f"<div>step {last['step']} / {last['total']} ({done:.0%}) · loss {last['loss']:.4f}</div>")
+        else:
+            progress = "<progress style='width:100%'></progress><div>starting (loading the model, caching the data)</div>"
+        frame = pd.DataFrame({"step": sorted(rows), "loss": [rows[s]["loss"] for s in sorted(rows)]}) if rows else empty
+        gallery = []
+        for folder in sorted((job.out / "validation").glob("step-*"), key=lambda p: int(p.name[5:]))[-2:]:
+            gallery += [(str(p), folder.name) for p in sorted(folder.glob("*.png"))]
+        artifacts = sorted(job.out.glob("*.safetensors"))
+        artifact = str(artifacts[0]) if job.status == DONE and artifacts else None
+        return self.status_line(job_id), progress, frame, gallery, artifact, self.queue.log_tail(job_id, 15)
+
+    # -- Compose & Sample ---------------------------------------------------------------
+
+    def artifact_choices(self) -> list[tuple[str, str]]:
+        """Artifacts of finished jobs and uploaded ones, newest first."""
+        choices = []
+        for job in self.queue.list():
+            if job.status == DONE:
+                choices += [(f"{p.name} · {job.title} · {job.id}", str(p)) for p in sorted(job.out.glob("*.safetensors"))]
+        choices += [(f"{p.name} · uploaded", str(p)) for p in sorted(self.artifact_dir.glob("*.safetensors"))]
+        return choices
+
+    @shows_errors
+    def add_artifact(self, model_state: dict, stack: list[dict], layout: int, path: str | None) -> tuple[list, int, str]:
+        """Put a finished job's (or uploaded) artifact on the stack, after checking it fits the model."""
+        if not path:
+            raise StudioError("pick an artifact from the list (or upload one) first")
+        resolved = uploads.inside(self.data_dir, path)
+        header = uploads.check_artifact(resolved, model_state["model"], model_state["model_config"])
+        item = {"path": str(resolved), "name": f"{header.method}: {resolved.name}", "scale": 1.0, "enabled": True}
+        return stack + [item], layout + 1, f"added {item['name']}"
+
+    @shows_errors
+    def upload_artifact(self, model_state: dict, stack: list[dict], layout: int, file: str | None):
+        if not file:
+            raise StudioError("no file uploaded")
+        upload = uploads.inside(self.upload_dir, file)
+        digest = hashlib.sha256(upload.read_bytes()).hexdigest()[:8]  # two uploads named alike don't collide
+        target = uploads.import_artifact(upload, self.upload_dir, self.artifact_dir / digest, model_state["model"],
+                                         model_state["model_config"])
+        stack, layout, message = self.add_artifact(model_state, stack, layout, str(target))
+        return stack, layout, message, gr.update(choices=self.artifact_choices())
+
+    @shows_errors
+    def sample(self, model_state: dict, stack: list[dict], prompts: str, negative: str, seeds: str, steps: float,
+               guidance: float, scheduler: str, width: float | None, height: float | None) -> tuple[list, str, str]:
+        """Queue `studio sample ...` with the enabled artifacts at their scales, wait, return the images."""
+        from studio.sample import SampleSettings
+
+        prompt_list = [line.strip() for line in (prompts or "").splitlines() if line.strip()]
+        try:
+            seed_list = [int(s) for s in re.split(r"[\s,]+", (seeds or "0").strip()) if s]
+        except ValueError:
+            raise StudioError(f"seeds must be whole numbers separated by spaces (got {seeds!r})") from None
+        scheduler = None if scheduler in (None, "", "model default") else scheduler
+        size = {k: int(v) if v else None for k, v in (("width", width), ("height", height))}
+        SampleSettings(prompts=prompt_list, seeds=seed_list or [0], negative_prompt=negative or "", steps=int(steps),
+                       guidance_scale=float(guidance), scheduler=scheduler, **size).validate()
+        job = self.queue.create("sample", _short(prompt_list[0]) + (f" (+{len(prompt_list) - 1})" if len(prompt_list) > 1 else ""))
+        argv = ["sample", *prompt_list, "--seed", *map(str, seed_list or [0]), "--steps", str(int(steps)),
+                "--guidance-scale", str(float(guidance))]
+        argv += ["--negative-prompt", negative] if negative else []
+        argv += ["--scheduler", scheduler] if scheduler else []
+        argv += [arg for key, value in size.items() if value for arg in (f"--{key}", str(value))]
+        for item in stack:
+            if item["enabled"]:
+                uploads.inside(self.data_dir, item["path"])
+                argv += ["--adapter", f"{item['path']}:{item['scale']:g}"]
+        argv += [*self.model_argv(model_state), "--output-dir", str(job.out)]
+        self.queue.submit(job, argv)
+        job = self.queue.wait(job.id)
+        if job.status != DONE:
+            raise StudioError(f"sampling {job.status}: {job.message or 'see its log in the Jobs tab'}")
+        images = [str(p) for p in sorted(job.out.glob("*.png")) if p.name != "grid.png"]
+        return images, job.command, f"{len(images)} images · job {job.id}"
+
+    # -- Jobs ----------------------------------------------------------------------------
+
+    def job_table(self) -> list[list]:
+        import time
+
+        rows = []
+        for job in self.queue.list():
+            took = ((job.ended or time.time()) - job.started) if job.started else None
+            rows.append([job.id, job.kind, job.title, job.status, f"{took:.0f} s" if took is not None else "",
+                         job.message[:120]])
+        return rows
+
+    def job_details(self, job_id: str | None) -> tuple[str, str, list[str], str]:
+        if not job_id:
+            return "", "", [], ""
+        job = self.queue.get(job_id)
+        skip = {"cache", "checkpoints", "logs"}  # internal: embeddings cache, resume state, tensorboard
+        outputs = [str(p) for p in sorted(job.out.rglob("*"))
+                   if p.is_file() and not skip.intersection(p.relative_to(job.out).parts)]
+        return self.status_line(job_id), job.command, outputs[:200], self.queue.log_tail(job_id, 60)
+
+
+def _short(text: str, length: int = 40) -> str:
+    return text if len(text) <= length else text[: length - 1] + "…"
+
+
+def build_app(data_dir: str | Path, model: str = TOY_MODEL, workers: int = 1) -> gr.Blocks:
+    """The page. `data_dir` holds every job, upload and artifact; nothing is written elsewhere."""
+    studio = Studio(data_dir, model=model, workers=workers)
+    initial_model = studio.default_model
+    with gr.Blocks(title="Diffusion Studio") as app:
+        gr.Markdown("# Diffusion Studio")
+        model_state = gr.State(initial_model)
+        with gr.Tabs():
+            with gr.Tab("Model", id="model"):
+                model_info = gr.Markdown(studio.describe_model(initial_model))
+                source = gr.Radio(["toy model", "diffusers folder", "single-file checkpoint"], value="toy model",
+                                  label="base model")
+                model_path = gr.Textbox(label="path (diffusers folder or .safetensors/.ckpt file on this machine)")
+                model_config = gr.Textbox(label="model config folder (single-file checkpoints: a diffusers folder of the same architecture)")
+                use_model = gr.Button("Use this model", variant="primary")
+                use_model.click(studio.choose_model, [source, model_path, model_config], [model_state, model_info],
+                                api_name="choose_model")
+
+            for kind, task in studio.tasks.items():
+                _task_tab(studio, kind, task, model_state)
+
+            with gr.Tab("Compose & Sample", id="sample"):
+                _sample_tab(studio, model_state)
+
+            with gr.Tab("Jobs", id="jobs"):
+                _jobs_tab(studio)
+    app.studio = studio
+    return app
+
+
+def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State) -> None:
+    common, per_method = studio.fields(kind)
+    methods = list(per_method)
+    with gr.Tab(task.title, id=task.command):
+        with gr.Row():
+            with gr.Column(scale=1):
+                method = gr.Dropdown(methods, value=methods[0], label="method")
+                summary = gr.Markdown(registry.get(methods[0]).summary)
+                source = gr.Radio(["ShapesWorld", "upload"], value="ShapesWorld", label="dataset")
+                preset = gr.Dropdown(list(SHAPESWORLD_PRESETS), value=list(SHAPESWORLD_PRESETS)[0], label="ShapesWorld preset")
+                spec = gr.Textbox(SHAPESWORLD_PRESETS[list(SHAPESWORLD_PRESETS)[0]], label="ShapesWorld spec")
+                files = gr.File(file_count="multiple", label="images + .txt captions (same names)", visible=False)
+                groups, inputs = [], []
+                for name, fields in per_method.items():
+                    with gr.Group(visible=name == methods[0]) as group:
+                        gr.Markdown(f"**{name} options**")
+                        inputs_here = [f.component() for f in fields]
+                    groups.append(group)
+                    inputs.extend(inputs_here)
+            with gr.Column(scale=1):
+                with gr.Accordion("training options", open=True):
+                    common_inputs = [f.component() for f in common]
+        with gr.Row():
+            start = gr.Button("Start", variant="primary")
+            stop = gr.Button("Stop")
+            resume = gr.Button("Resume")
+        command = gr.Code(label="the same run from the command line", language="shell", interactive=False)
+        job = gr.Dropdown(studio.job_choices(task.command), label="job", value=None, allow_custom_value=True)
+        status = gr.Markdown()
+        progress = gr.HTML()
+        with gr.Row():
+            loss = gr.LinePlot(x="step", y="loss", title="loss", height=250)
+            gallery = gr.Gallery(label="validation samples (latest steps)", columns=4, height=250)
+        artifact = gr.File(label="artifact", interactive=False)
+        log = gr.Textbox(label="log", lines=6, max_lines=6, autoscroll=True)
+
+    method.change(lambda m: [registry.get(m).summary] + [gr.update(visible=n == m) for n in methods],
+                  method, [summary, *groups])
+    source.change(lambda s: [gr.update(visible=s == "ShapesWorld")] * 2 + [gr.update(visible=s == "upload")],
+                  source, [preset, spec, files])
+    preset.change(lambda p: SHAPESWORLD_PRESETS[p], preset, spec)
+    start.click(functools.partial(studio.start, kind), [model_state, method, source, spec, files, *common_inputs, *inputs],
+                [job, command], api_name=f"start_{task.command}")
+    stop.click(studio.stop, job, status, api_name=f"stop_{task.command}")
+    resume.click(studio.resume, job, status, api_name=f"resume_{task.command}")
+    watched = [status, progress, loss, gallery, artifact, log]
+    job.change(studio.watch, job, watched, api_name=f"watch_{task.command}")
+    gr.Timer(1.0).tick(studio.watch, job, watched, show_progress="hidden")
+
+
+def _sample_tab(studio: Studio, model_state: gr.State) -> None:
+    stack = gr.State([])  # [{"path", "name", "scale", "enabled"}]
+    layout = gr.State(0)  # bumped when artifacts are added or removed: redraws the sliders
+    with gr.Row():
+        with gr.Column(scale=1):
+            gr.Markdown("**Artifacts** — applied in order, each at its scale")
+            with gr.Row():
+                choice = gr.Dropdown(studio.artifact_choices(), label="from finished jobs", allow_custom_value=True, scale=3)
+                refresh = gr.Button("↻", scale=0, min_width=40)
+            add = gr.Button("Add to the stack")
+            upload = gr.File(label="or upload a .safetensors artifact", file_types=[".safetensors"])
+            added = gr.Markdown()
+
+            @gr.render(inputs=stack, triggers=[layout.change])
+            def draw(items: list[dict]) -> None:
+                if not items:
+                    gr.Markdown("_no artifacts: samples come from the base model_")
+                for i, item in enumerate(items):
+                    with gr.Row(key=f"row-{i}-{item['path']}"):
+                        enabled = gr.Checkbox(item["enabled"], label=item["name"], key=f"on-{i}-{item['path']}", scale=2)
+                        scale = gr.Slider(-1.0, 2.0, value=item["scale"], step=0.05, label="scale", key=f"scale-{i}-{item['path']}", scale=3)
+                        remove = gr.Button("✕", key=f"rm-{i}-{item['path']}", scale=0, min_width=40)
+
+                    def set_value(value, items, i=i, key="enabled"):
+                        items = [dict(x) for x in items]
+                        items[i][key] = value
+                        return items
+
+                    enabled.change(set_value, [enabled, stack], stack)
+                    scale.release(functools.partial(set_value, i=i, key="scale"), [scale, stack], stack)
+                    remove.click(lambda items, n, i=i: (items[:i] + items[i + 1:], n + 1), [stack, layout], [stack, layout])
+
+        with gr.Column(scale=2):
+            prompts = gr.Textbox("a red sks\na blue striped circle", lines=3, label="prompts (one per line)")
+            negative = gr.Textbox(label="negative prompt")
+            with gr.Row():
+                seeds = gr.Textbox("0 1", label="seeds")
+                steps = gr.Slider(1, 100, value=20, step=1, label="steps")
+                guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="guidance scale")
+            with gr.Row():
+                scheduler = gr.Dropdown(["model default", *SCHEDULERS], value="model default", label="scheduler")
+                width = gr.Number(None, label="width (multiple of 8; empty: the model's size)", precision=0)
+                height = gr.Number(None, label="height", precision=0)
+            go = gr.Button("Sample", variant="primary")
+            gallery = gr.Gallery(label="samples", columns=4, height=320)
+            info = gr.Markdown()
+            command = gr.Code(label="the same samples from the command line", language="shell", interactive=False)
+
+    refresh.click(lambda: gr.update(choices=studio.artifact_choices()), None, choice)
+    add.click(studio.add_artifact, [model_state, stack, layout, choice], [stack, layout, added], api_name="add_artifact")
+    upload.upload(studio.upload_artifact, [model_state, stack, layout, upload], [stack, layout, added, choice],
+                  api_name="upload_artifact")
+    go.click(studio.sample, [model_state, stack, prompts, negative, seeds, steps, guidance, scheduler, width, height],
+             [gallery, command, info], api_name="sample")
+
+
+def _jobs_tab(studio: Studio) -> None:
+    table = gr.Dataframe(studio.job_table(), headers=["job", "kind", "title", "status", "time", "message"],
+                         interactive=False, wrap=True)
+    with gr.Row():
+        job = gr.Dropdown(studio.job_choices(), label="job", value=None, allow_custom_value=True, scale=3)
+        stop = gr.Button("Stop", scale=0)
+        resume = gr.Button("Resume", scale=0)
+    status = gr.Markdown()
+    command = gr.Code(label="command", language="shell", interactive=False)
+    outputs = gr.File(label="outputs", file_count="multiple", interactive=False)
+    log = gr.Textbox(label="log", lines=12, max_lines=12, autoscroll=True)
+
+    def refresh(job_id):
+        return (gr.update(value=studio.job_table()), gr.update(choices=studio.job_choices(), value=job_id),
+                *studio.job_details(job_id))
+
+    gr.Timer(2.0).tick(refresh, job, [table, job, status, command, outputs, log], show_progress="hidden")
+    job.change(studio.job_details, job, [status, command, outputs, log], api_name="job_details")
+    stop.click(studio.stop, job, status)
+    resume.click(studio.resume, job, status)

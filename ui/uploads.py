@@ -1,0 +1,132 @@
+"""Checks on everything a browser hands the app: files it uploads and paths it names.
+
+Every check raises a `StudioError` with one line that says what is wrong; the app shows it in
+the page. Files are copied only into folders under the app's data folder, under names made
+safe here, so no upload can write anywhere else.
+
+Example:
+    >>> inside("/data", "/data/jobs/1/out/lora.safetensors")
+    PosixPath('/data/jobs/1/out/lora.safetensors')
+    >>> inside("/data", "/etc/passwd")  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    StudioError: /etc/passwd is outside the app's data folder /data
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from studio.errors import StudioError
+
+MAX_IMAGE_BYTES = 20 * 2**20  # per uploaded image
+MAX_IMAGE_PIXELS = 4096 * 4096  # larger than any SD training size; beyond it PIL may be fed a decompression bomb
+MAX_CAPTION_BYTES = 64 * 2**10
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def inside(root: str | Path, path: str | Path) -> Path:
+    """`path` resolved (links and `..` followed), or a `StudioError` if that leaves `root`."""
+    root, resolved = Path(root).resolve(), Path(path).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise StudioError(f"{path} is outside the app's data folder {root}")
+    return resolved
+
+
+def safe_name(name: str) -> str:
+    """A file name with no folder part and only ordinary characters: `../../x y.png` -> `x_y.png`."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name).lstrip(".")
+    if not stem:
+        raise StudioError(f"{name!r} is not a usable file name")
+    return stem
+
+
+def check_image(path: Path, shown_name: str) -> None:
+    """Refuse a file that is not a readable image, or one too large to train on."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise StudioError(f"{shown_name} is not an image (expected {', '.join(sorted(IMAGE_SUFFIXES))}) or a .txt caption")
+    size = path.stat().st_size
+    if size > MAX_IMAGE_BYTES:
+        raise StudioError(f"{shown_name} is {size / 2**20:.1f} MB; images up to {MAX_IMAGE_BYTES // 2**20} MB are accepted")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise StudioError(f"{shown_name} is {width}x{height} pixels; images up to {MAX_IMAGE_PIXELS:,} pixels "
+                                  "(4096x4096) are accepted — downscale it first")
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
+        raise StudioError(f"{shown_name} is not a readable image ({type(err).__name__})") from None
+
+
+def copy_dataset(files: list[str | Path], upload_root: str | Path, dest: str | Path) -> dict:
+    """Check uploaded images and `.txt` captions and copy them into `dest` (a kohya-style folder:
+    `x.png` + `x.txt`). Every file must come from `upload_root` (where the web server put it).
+    Returns counts; nothing is copied unless every file passes.
+
+    Example:
+        >>> copy_dataset(["/data/tmp/a.png", "/data/tmp/a.txt"], "/data/tmp", "/data/jobs/1/data")  # doctest: +SKIP
+        {'images': 1, 'captions': 1}
+    """
+    if not files:
+        raise StudioError("no files uploaded: add images (and optional .txt captions with the same names)")
+    checked = []
+    for file in files:
+        path = inside(upload_root, file)
+        name = safe_name(path.name)
+        if path.suffix.lower() == ".txt":
+            if path.stat().st_size > MAX_CAPTION_BYTES:
+                raise StudioError(f"caption {name} is larger than {MAX_CAPTION_BYTES // 1024} KB")
+            try:
+                path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise StudioError(f"caption {name} is not UTF-8 text") from None
+        else:
+            check_image(path, name)
+        checked.append((path, name))
+    names = [name for _, name in checked]
+    if len(set(names)) != len(names):
+        raise StudioError("two uploaded files have the same name; rename one")
+    if not any(Path(n).suffix.lower() in IMAGE_SUFFIXES for n in names):
+        raise StudioError("the upload has captions but no images")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for path, name in checked:
+        shutil.copyfile(path, dest / name)
+    captions = sum(1 for n in names if n.lower().endswith(".txt"))
+    return {"images": len(names) - captions, "captions": captions}
+
+
+def check_artifact(path: str | Path, model: str, model_config: str | None = None):
+    """Refuse a file that is not a studio artifact or was made on another base model than `model`
+    (layer shapes compared on a weightless UNet, as `studio inspect FILE --model M` does).
+    Returns its header.
+
+    Example:
+        >>> check_artifact("outputs/train/lora.safetensors", "toy").method  # doctest: +SKIP
+        'lora'
+    """
+    from studio.artifact import check_fingerprint, read_header
+    from studio.pipeline import unet_skeleton
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise StudioError(f"{path.name} is not a .safetensors artifact")
+    header = read_header(path)
+    if model_config or not Path(model).is_file():  # a single file without its config can't be checked here
+        check_fingerprint(header.fingerprint, unet_skeleton(model, model_config), path.name)
+    return header
+
+
+def import_artifact(file: str | Path, upload_root: str | Path, dest: str | Path, model: str,
+                    model_config: str | None = None) -> Path:
+    """Check an uploaded artifact against `model`, then copy it into the folder `dest`."""
+    path = inside(upload_root, file)
+    check_artifact(path, model, model_config)
+    target = Path(dest) / safe_name(path.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, target)
+    return target
