@@ -1,7 +1,9 @@
 """The web app end to end through `gradio_client`, against `studio serve` in a subprocess:
 train a LoRA on the toy model, watch it, sample with it; and every upload check."""
 
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,7 +44,7 @@ def error_of(call) -> str:
 def watch(client: Client, job_id: str, timeout: float = 300):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        status, progress, loss, gallery, artifact, log = client.predict(job_id, api_name="/watch_train")
+        status, progress, loss, gallery, artifact, log, _ = client.predict(job_id, api_name="/watch_train")
         if any(word in status for word in ("**done**", "**failed**", "**stopped**")):
             return status, progress, loss, gallery, artifact, log
         time.sleep(1)
@@ -203,6 +205,72 @@ def test_jobs_listed_with_logs(trained):
     assert "**done**" in status and command.startswith("studio train")
     assert any(str(o).endswith("lora.safetensors") for o in outputs)
     assert "train lora" in log
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; `.ci/run` installs it
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_every_tab_in_headless_chromium(trained, studio_server, tmp_path):
+    """Click through every tab in a real browser, watch the trained job, sample with its artifact,
+    see an upload error in the page; screenshots go to $STUDIO_SCREENSHOTS (docs/ keeps them) or tmp."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    url, root = studio_server
+    _, job_id, *_ = trained
+    shots = Path(os.environ.get("STUDIO_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    bad = tmp_path / "cat.jpg"
+    bad.write_text("not a picture")
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync"]
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=flags)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        expect = playwright.expect
+
+        tab = lambda name: page.get_by_role("tab", name=name, exact=True)  # noqa: E731
+        expect(page.get_by_text("Current model:")).to_be_visible(timeout=30_000)
+        page.screenshot(path=shots / "model.png", full_page=True)
+
+        tab("Train").click()
+        job = page.get_by_label("job", exact=True)
+        job.fill(job_id)
+        job.press("Enter")
+        expect(page.get_by_text(f"step {STEPS} / {STEPS}")).to_be_visible(timeout=30_000)
+        expect(page.get_by_text("validation samples")).to_be_visible()
+        page.wait_for_timeout(1500)  # the plot and gallery draw
+        page.screenshot(path=shots / "train.png", full_page=True)
+
+        tab("Compose & Sample").click()
+        choice = page.get_by_label("from finished jobs")
+        choice.click()
+        page.get_by_role("option").filter(has_text=job_id).first.click()
+        page.get_by_role("button", name="Add to the stack").click()
+        expect(page.get_by_text("lora: lora.safetensors", exact=True)).to_be_visible(timeout=30_000)  # its on/off box
+        expect(page.get_by_role("slider", name="range slider for scale", exact=True)).to_be_enabled()
+        page.get_by_role("button", name="Sample", exact=True).click()
+        expect(page.get_by_text("4 images")).to_be_visible(timeout=120_000)  # 2 default prompts x 2 seeds
+        expect(page.locator(".cm-content").filter(has_text="studio sample")).to_contain_text("--adapter")
+        page.screenshot(path=shots / "compose-and-sample.png", full_page=True)
+
+        tab("Jobs").click()
+        jobs_pick = page.get_by_label("job", exact=True).last
+        jobs_pick.fill(job_id)
+        jobs_pick.press("Enter")
+        expect(page.get_by_text("studio train --method lora").last).to_be_visible(timeout=30_000)
+        page.screenshot(path=shots / "jobs.png", full_page=True)
+
+        # A bad upload shows its message in the page.
+        tab("Train").click()
+        page.get_by_label("upload", exact=True).check()
+        page.locator("#train-upload input[type=file]").set_input_files(str(bad))
+        page.wait_for_timeout(1000)
+        page.get_by_role("button", name="Start", exact=True).click()
+        expect(page.get_by_text("cat.jpg is not a readable image")).to_be_visible(timeout=30_000)
+        page.screenshot(path=shots / "upload-error.png")
+        browser.close()
+    assert len(list(shots.glob("*.png"))) >= 5
 
 
 def test_nothing_written_outside_the_data_folder(studio_server, trained):

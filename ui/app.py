@@ -83,6 +83,8 @@ class Field:
         kind = self.base_type
         if kind is bool:
             return gr.Checkbox(value=self.default, label=label)
+        if kind in (int, float) and self.default is None:  # optional: empty means "not given"
+            return gr.Textbox("", label=label, placeholder="default")
         if kind in (int, float):
             return gr.Number(value=self.default, label=label, precision=0 if kind is int else None)
         if typing.get_origin(kind) is list:
@@ -97,11 +99,18 @@ class Field:
         if kind is bool:
             return [] if bool(value) == bool(self.default) else [self.flag if value else "--no-" + self.flag[2:]]
         if kind is int:
-            if float(value) != int(float(value)):
+            try:
+                number = float(value)
+            except ValueError:
+                raise StudioError(f"{self.name} must be a whole number (got {value!r})") from None
+            if number != int(number):
                 raise StudioError(f"{self.name} must be a whole number (got {value})")
-            value = int(float(value))
+            value = int(number)
         elif kind is float:
-            value = float(value)
+            try:
+                value = float(value)
+            except ValueError:
+                raise StudioError(f"{self.name} must be a number (got {value!r})") from None
         elif typing.get_origin(kind) is list:
             value = ",".join(part.strip() for part in str(value).split(",") if part.strip())
             if value == ",".join(self.default):
@@ -260,7 +269,7 @@ class Studio:
 
         empty = pd.DataFrame({"step": [], "loss": []})
         if not job_id or job_id not in {j.id for j in self.queue.list()}:
-            return "", "", empty, [], None, ""
+            return "", "", empty, [], None, "", ""
         job = self.queue.get(job_id)
         rows = {}
         metrics = job.out / "metrics.jsonl"
@@ -284,7 +293,7 @@ class Studio:
             gallery += [(str(p), folder.name) for p in sorted(folder.glob("*.png"))]
         artifacts = sorted(job.out.glob("*.safetensors"))
         artifact = str(artifacts[0]) if job.status == DONE and artifacts else None
-        return self.status_line(job_id), progress, frame, gallery, artifact, self.queue.log_tail(job_id, 15)
+        return self.status_line(job_id), progress, frame, gallery, artifact, self.queue.log_tail(job_id, 8), job.command
 
     # -- Compose & Sample ---------------------------------------------------------------
 
@@ -384,6 +393,9 @@ def build_app(data_dir: str | Path, model: str = TOY_MODEL, workers: int = 1) ->
     with gr.Blocks(title="Diffusion Studio") as app:
         gr.Markdown("# Diffusion Studio")
         model_state = gr.State(initial_model)
+        # Polling for live progress. Kept outside the tabs: a Timer inside a Tab makes Gradio 6.31
+        # draw the clicked tab's title twice in the tab bar.
+        timer = gr.Timer(1.0)
         with gr.Tabs():
             with gr.Tab("Model", id="model"):
                 model_info = gr.Markdown(studio.describe_model(initial_model))
@@ -396,18 +408,18 @@ def build_app(data_dir: str | Path, model: str = TOY_MODEL, workers: int = 1) ->
                                 api_name="choose_model")
 
             for kind, task in studio.tasks.items():
-                _task_tab(studio, kind, task, model_state)
+                _task_tab(studio, kind, task, model_state, timer)
 
-            with gr.Tab("Compose & Sample", id="sample"):
-                _sample_tab(studio, model_state)
+            with gr.Tab("Compose & Sample", id="sample") as sample_tab:
+                _sample_tab(studio, model_state, sample_tab)
 
             with gr.Tab("Jobs", id="jobs"):
-                _jobs_tab(studio)
+                _jobs_tab(studio, timer)
     app.studio = studio
     return app
 
 
-def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State) -> None:
+def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State, timer: gr.Timer) -> None:
     common, per_method = studio.fields(kind)
     methods = list(per_method)
     with gr.Tab(task.title, id=task.command):
@@ -418,7 +430,8 @@ def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State) -> N
                 source = gr.Radio(["ShapesWorld", "upload"], value="ShapesWorld", label="dataset")
                 preset = gr.Dropdown(list(SHAPESWORLD_PRESETS), value=list(SHAPESWORLD_PRESETS)[0], label="ShapesWorld preset")
                 spec = gr.Textbox(SHAPESWORLD_PRESETS[list(SHAPESWORLD_PRESETS)[0]], label="ShapesWorld spec")
-                files = gr.File(file_count="multiple", label="images + .txt captions (same names)", visible=False)
+                files = gr.File(file_count="multiple", label="images + .txt captions (same names)", visible=False,
+                                elem_id=f"{task.command}-upload")
                 groups, inputs = [], []
                 for name, fields in per_method.items():
                     with gr.Group(visible=name == methods[0]) as group:
@@ -428,7 +441,10 @@ def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State) -> N
                     inputs.extend(inputs_here)
             with gr.Column(scale=1):
                 with gr.Accordion("training options", open=True):
-                    common_inputs = [f.component() for f in common]
+                    common_inputs = []
+                    for row in range(0, len(common), 3):
+                        with gr.Row():
+                            common_inputs += [f.component() for f in common[row:row + 3]]
         with gr.Row():
             start = gr.Button("Start", variant="primary")
             stop = gr.Button("Stop")
@@ -441,23 +457,23 @@ def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State) -> N
             loss = gr.LinePlot(x="step", y="loss", title="loss", height=250)
             gallery = gr.Gallery(label="validation samples (latest steps)", columns=4, height=250)
         artifact = gr.File(label="artifact", interactive=False)
-        log = gr.Textbox(label="log", lines=6, max_lines=6, autoscroll=True)
+        log = gr.Textbox(label="log", lines=8, max_lines=8, autoscroll=True)
 
     method.change(lambda m: [registry.get(m).summary] + [gr.update(visible=n == m) for n in methods],
-                  method, [summary, *groups])
+                  method, [summary, *groups], api_visibility="private")
     source.change(lambda s: [gr.update(visible=s == "ShapesWorld")] * 2 + [gr.update(visible=s == "upload")],
-                  source, [preset, spec, files])
-    preset.change(lambda p: SHAPESWORLD_PRESETS[p], preset, spec)
+                  source, [preset, spec, files], api_visibility="private")
+    preset.change(lambda p: SHAPESWORLD_PRESETS[p], preset, spec, api_visibility="private")
     start.click(functools.partial(studio.start, kind), [model_state, method, source, spec, files, *common_inputs, *inputs],
                 [job, command], api_name=f"start_{task.command}")
     stop.click(studio.stop, job, status, api_name=f"stop_{task.command}")
     resume.click(studio.resume, job, status, api_name=f"resume_{task.command}")
-    watched = [status, progress, loss, gallery, artifact, log]
+    watched = [status, progress, loss, gallery, artifact, log, command]
     job.change(studio.watch, job, watched, api_name=f"watch_{task.command}")
-    gr.Timer(1.0).tick(studio.watch, job, watched, show_progress="hidden")
+    timer.tick(studio.watch, job, watched, show_progress="hidden", api_visibility="private")
 
 
-def _sample_tab(studio: Studio, model_state: gr.State) -> None:
+def _sample_tab(studio: Studio, model_state: gr.State, tab: gr.Tab) -> None:
     stack = gr.State([])  # [{"path", "name", "scale", "enabled"}]
     layout = gr.State(0)  # bumped when artifacts are added or removed: redraws the sliders
     with gr.Row():
@@ -476,8 +492,8 @@ def _sample_tab(studio: Studio, model_state: gr.State) -> None:
                     gr.Markdown("_no artifacts: samples come from the base model_")
                 for i, item in enumerate(items):
                     with gr.Row(key=f"row-{i}-{item['path']}"):
-                        enabled = gr.Checkbox(item["enabled"], label=item["name"], key=f"on-{i}-{item['path']}", scale=2)
-                        scale = gr.Slider(-1.0, 2.0, value=item["scale"], step=0.05, label="scale", key=f"scale-{i}-{item['path']}", scale=3)
+                        enabled = gr.Checkbox(item["enabled"], label=item["name"], interactive=True, key=f"on-{i}-{item['path']}", scale=2)
+                        scale = gr.Slider(-1.0, 2.0, value=item["scale"], step=0.05, label="scale", interactive=True, key=f"scale-{i}-{item['path']}", scale=3)
                         remove = gr.Button("✕", key=f"rm-{i}-{item['path']}", scale=0, min_width=40)
 
                     def set_value(value, items, i=i, key="enabled"):
@@ -485,9 +501,10 @@ def _sample_tab(studio: Studio, model_state: gr.State) -> None:
                         items[i][key] = value
                         return items
 
-                    enabled.change(set_value, [enabled, stack], stack)
-                    scale.release(functools.partial(set_value, i=i, key="scale"), [scale, stack], stack)
-                    remove.click(lambda items, n, i=i: (items[:i] + items[i + 1:], n + 1), [stack, layout], [stack, layout])
+                    enabled.change(set_value, [enabled, stack], stack, api_visibility="private")
+                    scale.release(functools.partial(set_value, i=i, key="scale"), [scale, stack], stack, api_visibility="private")
+                    remove.click(lambda items, n, i=i: (items[:i] + items[i + 1:], n + 1), [stack, layout], [stack, layout],
+                                 api_visibility="private")
 
         with gr.Column(scale=2):
             prompts = gr.Textbox("a red sks\na blue striped circle", lines=3, label="prompts (one per line)")
@@ -498,14 +515,15 @@ def _sample_tab(studio: Studio, model_state: gr.State) -> None:
                 guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="guidance scale")
             with gr.Row():
                 scheduler = gr.Dropdown(["model default", *SCHEDULERS], value="model default", label="scheduler")
-                width = gr.Number(None, label="width (multiple of 8; empty: the model's size)", precision=0)
-                height = gr.Number(None, label="height", precision=0)
+                width = gr.Number(0, label="width (multiple of 8; 0: the model's size)", precision=0)
+                height = gr.Number(0, label="height (0: the model's size)", precision=0)
             go = gr.Button("Sample", variant="primary")
             gallery = gr.Gallery(label="samples", columns=4, height=320)
             info = gr.Markdown()
             command = gr.Code(label="the same samples from the command line", language="shell", interactive=False)
 
-    refresh.click(lambda: gr.update(choices=studio.artifact_choices()), None, choice)
+    for event in (refresh.click, tab.select):  # artifacts of jobs that finished since the page loaded
+        event(lambda: gr.update(choices=studio.artifact_choices()), None, choice, api_visibility="private")
     add.click(studio.add_artifact, [model_state, stack, layout, choice], [stack, layout, added], api_name="add_artifact")
     upload.upload(studio.upload_artifact, [model_state, stack, layout, upload], [stack, layout, added, choice],
                   api_name="upload_artifact")
@@ -513,7 +531,7 @@ def _sample_tab(studio: Studio, model_state: gr.State) -> None:
              [gallery, command, info], api_name="sample")
 
 
-def _jobs_tab(studio: Studio) -> None:
+def _jobs_tab(studio: Studio, timer: gr.Timer) -> None:
     table = gr.Dataframe(studio.job_table(), headers=["job", "kind", "title", "status", "time", "message"],
                          interactive=False, wrap=True)
     with gr.Row():
@@ -529,7 +547,7 @@ def _jobs_tab(studio: Studio) -> None:
         return (gr.update(value=studio.job_table()), gr.update(choices=studio.job_choices(), value=job_id),
                 *studio.job_details(job_id))
 
-    gr.Timer(2.0).tick(refresh, job, [table, job, status, command, outputs, log], show_progress="hidden")
+    timer.tick(refresh, job, [table, job, status, command, outputs, log], show_progress="hidden", api_visibility="private")
     job.change(studio.job_details, job, [status, command, outputs, log], api_name="job_details")
-    stop.click(studio.stop, job, status)
-    resume.click(studio.resume, job, status)
+    stop.click(studio.stop, job, status, api_name="stop")
+    resume.click(studio.resume, job, status, api_name="resume")
