@@ -175,6 +175,25 @@ def test_upload_checks(studio_server, tmp_path):
     assert not (root / "data" / "artifacts").exists() or not list((root / "data" / "artifacts").rglob("*.safetensors"))
 
 
+def test_model_tab_and_an_artifact_for_another_model(trained, studio_server, tmp_path):
+    client, job_id, *_ = trained
+    url, root = studio_server
+    other_session = Client(url, verbose=False)  # the model choice is per browser session
+    assert "is not a diffusers folder" in error_of(
+        lambda: other_session.predict("diffusers folder", str(tmp_path), "", api_name="/choose_model"))
+    assert "is not a .safetensors or .ckpt file" in error_of(
+        lambda: other_session.predict("single-file checkpoint", str(tmp_path / "x.bin"), "", api_name="/choose_model"))
+    from studio.testing import tiny_sd_pipeline
+
+    tiny = tmp_path / "tiny-sd"
+    tiny_sd_pipeline().save_pretrained(tiny)
+    assert str(tiny) in other_session.predict("diffusers folder", str(tiny), "", api_name="/choose_model")
+    toy_lora = str(root / "data" / "jobs" / job_id / "out" / "lora.safetensors")
+    assert "was made on another base model" in error_of(lambda: other_session.predict(toy_lora, api_name="/add_artifact"))
+    assert "toy" in other_session.predict("toy model", "", "", api_name="/choose_model")
+    assert "lora" in other_session.predict(toy_lora, api_name="/add_artifact")
+
+
 def test_good_upload_trains(studio_server, tmp_path):
     """Images + captions uploaded from the page become the job's dataset (copied into its folder)."""
     url, root = studio_server

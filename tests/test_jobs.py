@@ -1,0 +1,106 @@
+"""The app's job queue (`studio.ui.jobs`) and its form-to-flags mapping, without a browser."""
+
+import json
+import time
+
+import pytest
+
+from studio.errors import StudioError
+from studio.ui.jobs import DONE, FAILED, QUEUED, RUNNING, STOPPED, JobQueue
+
+
+@pytest.fixture
+def toy_artifact(tmp_path):
+    """A real (untrained) LoRA artifact for the toy model, written by the adapter's own code."""
+    import dataclasses
+
+    from studio import registry
+    from studio.artifact import fingerprint, save_artifact
+    from studio.pipeline import load
+
+    unet = load("toy", device="cpu").unet
+    adapter = registry.get("lora").adapter
+    config = registry.get("lora").trainer.default_config({})
+    names = adapter.inject(unet, config)
+    path = tmp_path / "lora.safetensors"
+    save_artifact(path, adapter.state_dict(unet), "lora", dataclasses.asdict(config), fingerprint(unet, names),
+                  extra_metadata=adapter.file_metadata(config))
+    return path
+
+
+def test_jobs_run_in_their_own_folders_and_survive_a_restart(tmp_path, toy_artifact):
+    queue = JobQueue(tmp_path / "data", workers=2, poll_seconds=0.05)
+    good, bad = queue.create("inspect", "good"), queue.create("inspect", "bad")
+    queue.submit(good, ["inspect", str(toy_artifact), "--model", "toy"])
+    queue.submit(bad, ["inspect", str(tmp_path / "missing.safetensors")])
+    assert queue.wait(good.id, 120).status == DONE
+    assert queue.wait(bad.id, 120).status == FAILED
+    assert json.loads(queue.log_tail(good.id).split("\n", 1)[1])["fits_model"] == "toy"
+    assert "missing.safetensors not found" in queue.get(bad.id).message  # the command's one-line error
+    assert good.folder != bad.folder and good.log.is_file() and bad.log.is_file()
+
+    # A second app on the same folder sees both, newest first; a job that was running when the app
+    # stopped comes back as stopped (its process is gone), ready to resume.
+    running = queue.create("inspect", "cut off")
+    queue.submit(running, ["inspect", str(toy_artifact)])
+    queue.wait(running.id, 120)
+    record = json.loads((tmp_path / "data" / "jobs" / running.id / "job.json").read_text())
+    (tmp_path / "data" / "jobs" / running.id / "job.json").write_text(json.dumps({**record, "status": RUNNING}))
+    again = JobQueue(tmp_path / "data", workers=1)
+    assert [j.id for j in again.list()] == [running.id, bad.id, good.id]
+    assert again.get(good.id).status == DONE and again.get(running.id).status == STOPPED
+
+
+def test_stop_a_queued_job_and_resume_replaces_a_flag(tmp_path, toy_artifact):
+    queue = JobQueue(tmp_path / "data", workers=0)  # nothing starts: jobs stay queued
+    job = queue.submit(queue.create("inspect", "x"), ["inspect", str(toy_artifact), "--model", "toy"])
+    assert queue.get(job.id).status == QUEUED
+    assert queue.stop(job.id).status == STOPPED
+    queue.resume(job.id, ["--model", "elsewhere"])
+    assert queue.get(job.id).argv == ["inspect", str(toy_artifact), "--model", "elsewhere"]
+    assert queue.get(job.id).command.startswith("studio inspect ")
+    with pytest.raises(StudioError, match="only a stopped or failed job"):
+        queue.resume(job.id, [])
+    with pytest.raises(StudioError, match="no job 'nope'"):
+        queue.get("nope")
+
+
+def test_form_fields_become_the_cli_flags():
+    from studio.trainers.base import TrainConfig
+    from studio.ui.app import config_fields
+
+    common = {f.name: f for f in config_fields("common", TrainConfig)}
+    from studio import registry
+
+    lora = {f.name: f for f in config_fields("lora", registry.get("lora").trainer.default_config({}))}
+    assert common["max_train_steps"].argv(20.0) == ["--max-train-steps", "20"]
+    assert common["max_train_steps"].argv(500) == []  # the default is left out
+    assert common["gradient_checkpointing"].argv(True) == ["--gradient-checkpointing"]
+    assert common["resolution"].argv("") == [] and common["resolution"].argv("48") == ["--resolution", "48"]
+    assert common["validation_prompt"].argv("a red sks") == ["--validation-prompt", "a red sks"]
+    assert lora["target_modules"].argv("to_q, to_v") == ["--target-modules", "to_q,to_v"]
+    assert lora["target_modules"].argv("to_q,to_k,to_v,to_out.0") == []
+    with pytest.raises(StudioError, match="max_train_steps must be a whole number"):
+        common["max_train_steps"].argv("ten")
+    # What the form produces, `studio train` reads back to the same config.
+    from studio.cli import build_parser, train_config_from_args
+
+    argv = ["train", "--method", "lora", "--data", "shapesworld:shape=star"]
+    argv += common["max_train_steps"].argv(20) + common["gradient_checkpointing"].argv(True)
+    argv += common["snr_gamma"].argv("5") + lora["rank"].argv(8.0) + lora["target_modules"].argv("to_q, to_v")
+    config = train_config_from_args(build_parser().parse_args(argv))
+    assert (config.max_train_steps, config.gradient_checkpointing, config.snr_gamma) == (20, True, 5.0)
+    assert config.method_options == {"rank": "8", "target_modules": "to_q,to_v"}
+
+
+def test_inspect_checks_the_base_model(tmp_path, toy_artifact, capsys):
+    from studio.cli import main
+
+    assert main(["inspect", str(toy_artifact), "--model", "toy"]) == 0
+    assert json.loads(capsys.readouterr().out)["fits_model"] == "toy"
+    from studio.testing import tiny_sd_pipeline
+
+    other = tmp_path / "tiny-sd"
+    tiny_sd_pipeline().save_pretrained(other)
+    assert main(["inspect", str(toy_artifact), "--model", str(other)]) == 2
+    assert "was made on another base model" in capsys.readouterr().err
