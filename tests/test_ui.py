@@ -173,6 +173,8 @@ def test_upload_checks(studio_server, tmp_path):
     junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json")
     assert "junk.safetensors" in error_of(lambda: client.predict(handle_file(str(junk)), api_name="/upload_artifact"))
     assert not (root / "data" / "artifacts").exists() or not list((root / "data" / "artifacts").rglob("*.safetensors"))
+    # A refused upload leaves no job behind.
+    assert all((folder / "job.json").is_file() for folder in (root / "data" / "jobs").iterdir())
 
 
 def test_model_tab_and_an_artifact_for_another_model(trained, studio_server, tmp_path):
@@ -272,6 +274,19 @@ def test_every_tab_in_headless_chromium(trained, studio_server, tmp_path):
         expect(page.get_by_text("4 images")).to_be_visible(timeout=120_000)  # 2 default prompts x 2 seeds
         expect(page.locator(".cm-content").filter(has_text="studio sample")).to_contain_text("--adapter")
         page.screenshot(path=shots / "compose-and-sample.png", full_page=True)
+        # Its scale and its on/off box reach the command.
+        scale_box = page.get_by_role("spinbutton", name="number input for scale", exact=True)
+        scale_box.fill("0.5")
+        scale_box.press("Enter")
+        page.wait_for_timeout(500)
+        page.get_by_role("button", name="Sample", exact=True).click()
+        expect(page.locator(".cm-content").filter(has_text="studio sample")).to_contain_text("lora.safetensors:0.5",
+                                                                                               timeout=120_000)
+        page.get_by_label("lora: lora.safetensors", exact=True).uncheck()
+        page.wait_for_timeout(500)
+        page.get_by_role("button", name="Sample", exact=True).click()
+        expect(page.locator(".cm-content").filter(has_text="studio sample")).not_to_contain_text("--adapter",
+                                                                                                   timeout=120_000)
 
         tab("Jobs").click()
         jobs_pick = page.get_by_label("job", exact=True).last
@@ -287,9 +302,22 @@ def test_every_tab_in_headless_chromium(trained, studio_server, tmp_path):
         page.wait_for_timeout(1000)
         page.get_by_role("button", name="Start", exact=True).click()
         expect(page.get_by_text("cat.jpg is not a readable image")).to_be_visible(timeout=30_000)
+        page.wait_for_timeout(1000)  # the message slides in
         page.screenshot(path=shots / "upload-error.png")
         browser.close()
     assert len(list(shots.glob("*.png"))) >= 5
+
+
+def test_serve_asks_for_the_login(tmp_path):
+    from conftest import serve
+
+    from studio.cli import main
+
+    assert main(["serve", "--auth", "no-colon"]) == 2  # refused before anything starts
+    with serve(tmp_path, "--auth", "me:secret") as url:
+        with pytest.raises(Exception):
+            Client(url, verbose=False)
+        assert Client(url, auth=("me", "secret"), verbose=False).predict("toy model", "", "", api_name="/choose_model")
 
 
 def test_nothing_written_outside_the_data_folder(studio_server, trained):

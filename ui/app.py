@@ -222,7 +222,6 @@ class Studio:
         if len(values) != len(every):
             raise StudioError(f"the form sent {len(values)} option values, expected {len(every)}; reload the page")
         method = registry.get(method).name
-        job = self.queue.create(self.tasks[kind].command, f"{method} on {_short(spec) if source == 'ShapesWorld' else 'upload'}")
         if source == "ShapesWorld":
             from studio.data import parse_shapesworld_spec
 
@@ -230,13 +229,15 @@ class Studio:
             parse_shapesworld_spec(spec.removeprefix("shapesworld:"))  # a bad spec fails here, not in the job
             data = spec if spec.startswith("shapesworld:") else "shapesworld:" + spec
         else:
-            uploads.copy_dataset(files or [], self.upload_dir, Path(job.folder) / "data")
+            uploads.check_dataset(files or [], self.upload_dir)  # before the job's folder exists
+        option_argv = [arg for field, value in zip(every, values) if field.owner in ("common", method)
+                       for arg in field.argv(value)]
+        job = self.queue.create(self.tasks[kind].command, f"{method} on {_short(spec) if source == 'ShapesWorld' else 'upload'}")
+        if source != "ShapesWorld":
+            uploads.copy_dataset(files, self.upload_dir, Path(job.folder) / "data")
             data = str(Path(job.folder) / "data")
         argv = [self.tasks[kind].command, "--method", method, "--data", data, *self.model_argv(model_state),
-                "--output-dir", str(job.out)]
-        for field, value in zip(every, values):
-            if field.owner in ("common", method):
-                argv += field.argv(value)
+                "--output-dir", str(job.out), *option_argv]
         self.queue.submit(job, argv)
         return gr.update(choices=self.job_choices(self.tasks[kind].command), value=job.id), job.command
 
@@ -342,17 +343,15 @@ class Studio:
         size = {k: int(v) if v else None for k, v in (("width", width), ("height", height))}
         SampleSettings(prompts=prompt_list, seeds=seed_list or [0], negative_prompt=negative or "", steps=int(steps),
                        guidance_scale=float(guidance), scheduler=scheduler, **size).validate()
+        adapter_argv = [arg for item in stack if item["enabled"]
+                        for arg in ("--adapter", f"{uploads.inside(self.data_dir, item['path'])}:{item['scale']:g}")]
         job = self.queue.create("sample", _short(prompt_list[0]) + (f" (+{len(prompt_list) - 1})" if len(prompt_list) > 1 else ""))
         argv = ["sample", *prompt_list, "--seed", *map(str, seed_list or [0]), "--steps", str(int(steps)),
                 "--guidance-scale", str(float(guidance))]
         argv += ["--negative-prompt", negative] if negative else []
         argv += ["--scheduler", scheduler] if scheduler else []
         argv += [arg for key, value in size.items() if value for arg in (f"--{key}", str(value))]
-        for item in stack:
-            if item["enabled"]:
-                uploads.inside(self.data_dir, item["path"])
-                argv += ["--adapter", f"{item['path']}:{item['scale']:g}"]
-        argv += [*self.model_argv(model_state), "--output-dir", str(job.out)]
+        argv += [*adapter_argv, *self.model_argv(model_state), "--output-dir", str(job.out)]
         self.queue.submit(job, argv)
         job = self.queue.wait(job.id)
         if job.status != DONE:
@@ -465,7 +464,7 @@ def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State, time
                   source, [preset, spec, files], api_visibility="private")
     preset.change(lambda p: SHAPESWORLD_PRESETS[p], preset, spec, api_visibility="private")
     start.click(functools.partial(studio.start, kind), [model_state, method, source, spec, files, *common_inputs, *inputs],
-                [job, command], api_name=f"start_{task.command}")
+                [job, command], api_name=f"start_{task.command}", show_progress="minimal")
     stop.click(studio.stop, job, status, api_name=f"stop_{task.command}")
     resume.click(studio.resume, job, status, api_name=f"resume_{task.command}")
     watched = [status, progress, loss, gallery, artifact, log, command]
@@ -502,7 +501,7 @@ def _sample_tab(studio: Studio, model_state: gr.State, tab: gr.Tab) -> None:
                         return items
 
                     enabled.change(set_value, [enabled, stack], stack, api_visibility="private")
-                    scale.release(functools.partial(set_value, i=i, key="scale"), [scale, stack], stack, api_visibility="private")
+                    scale.change(functools.partial(set_value, i=i, key="scale"), [scale, stack], stack, api_visibility="private")
                     remove.click(lambda items, n, i=i: (items[:i] + items[i + 1:], n + 1), [stack, layout], [stack, layout],
                                  api_visibility="private")
 

@@ -62,14 +62,13 @@ def check_image(path: Path, shown_name: str) -> None:
         raise StudioError(f"{shown_name} is not a readable image ({type(err).__name__})") from None
 
 
-def copy_dataset(files: list[str | Path], upload_root: str | Path, dest: str | Path) -> dict:
-    """Check uploaded images and `.txt` captions and copy them into `dest` (a kohya-style folder:
-    `x.png` + `x.txt`). Every file must come from `upload_root` (where the web server put it).
-    Returns counts; nothing is copied unless every file passes.
+def check_dataset(files: list[str | Path], upload_root: str | Path) -> list[tuple[Path, str]]:
+    """Check uploaded images and `.txt` captions; every file must come from `upload_root` (where the
+    web server put it). Returns each file with the safe name it will be copied under.
 
     Example:
-        >>> copy_dataset(["/data/tmp/a.png", "/data/tmp/a.txt"], "/data/tmp", "/data/jobs/1/data")  # doctest: +SKIP
-        {'images': 1, 'captions': 1}
+        >>> check_dataset(["/data/tmp/a.png", "/data/tmp/a.txt"], "/data/tmp")  # doctest: +SKIP
+        [(PosixPath('/data/tmp/a.png'), 'a.png'), (PosixPath('/data/tmp/a.txt'), 'a.txt')]
     """
     if not files:
         raise StudioError("no files uploaded: add images (and optional .txt captions with the same names)")
@@ -92,12 +91,24 @@ def copy_dataset(files: list[str | Path], upload_root: str | Path, dest: str | P
         raise StudioError("two uploaded files have the same name; rename one")
     if not any(Path(n).suffix.lower() in IMAGE_SUFFIXES for n in names):
         raise StudioError("the upload has captions but no images")
+    return checked
+
+
+def copy_dataset(files: list[str | Path], upload_root: str | Path, dest: str | Path) -> dict:
+    """Check an upload (`check_dataset`) and copy it into `dest` as a kohya-style folder (`x.png` +
+    `x.txt`). Nothing is copied unless every file passes. Returns counts.
+
+    Example:
+        >>> copy_dataset(["/data/tmp/a.png", "/data/tmp/a.txt"], "/data/tmp", "/data/jobs/1/data")  # doctest: +SKIP
+        {'images': 1, 'captions': 1}
+    """
+    checked = check_dataset(files, upload_root)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for path, name in checked:
         shutil.copyfile(path, dest / name)
-    captions = sum(1 for n in names if n.lower().endswith(".txt"))
-    return {"images": len(names) - captions, "captions": captions}
+    captions = sum(1 for _, name in checked if name.lower().endswith(".txt"))
+    return {"images": len(checked) - captions, "captions": captions}
 
 
 def check_artifact(path: str | Path, model: str, model_config: str | None = None):
