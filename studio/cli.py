@@ -257,11 +257,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from studio.pipeline import unet_skeleton
 
         unet_skeleton(args.model, args.model_config)
-    app = build_app(data_dir, model=args.model, workers=args.workers)
-    if args.model_config:
-        app.studio.default_model["model_config"] = args.model_config
-    print(f"Diffusion Studio: data in {data_dir}; {args.workers} worker(s)")
+    app = build_app(data_dir, model=args.model, model_config=args.model_config, workers=args.workers)
+    print(f"Diffusion Studio on http://{args.host}:{args.port} (data in {data_dir}; {args.workers} worker(s)); Ctrl-C stops it")
     app.queue(default_concurrency_limit=8).launch(
+        quiet=not args.share,  # gradio's own banner suggests launch(share=True); ours is --share
         server_name=args.host, server_port=args.port, share=args.share, auth=(user, password) if args.auth else None,
         allowed_paths=[str(data_dir)], max_file_size="200mb", show_error=False, footer_links=["api"],
     )

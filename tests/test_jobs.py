@@ -1,7 +1,6 @@
 """The app's job queue (`studio.ui.jobs`) and its form-to-flags mapping, without a browser."""
 
 import json
-import time
 
 import pytest
 

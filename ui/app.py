@@ -154,12 +154,12 @@ def shows_errors(fn):
 class Studio:
     """The app's state (its data folder and job queue) and every handler the page calls."""
 
-    def __init__(self, data_dir: str | Path, model: str = TOY_MODEL, workers: int = 1) -> None:
+    def __init__(self, data_dir: str | Path, model: str = TOY_MODEL, model_config: str | None = None, workers: int = 1) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.upload_dir = self.data_dir / "tmp"  # where the web server puts uploads (GRADIO_TEMP_DIR)
         self.artifact_dir = self.data_dir / "artifacts"  # uploaded artifacts, after their checks
         self.queue = JobQueue(self.data_dir, workers=workers)
-        self.default_model = {"model": model, "model_config": None}
+        self.default_model = {"model": model, "model_config": model_config}
         self.tasks = {kind: task for kind, task in _tasks().items()
                       if any(m.kind == kind for m in registry.METHODS.values())}
 
@@ -197,7 +197,7 @@ class Studio:
         unet = unet or unet_skeleton(state["model"], state["model_config"])
         params = sum(p.numel() for p in unet.parameters())
         return (f"**Current model:** `{state['model']}`" + (f" (config `{state['model_config']}`)" if state["model_config"] else "")
-                + f" — UNet {params / 1e6:.1f}M parameters, {unet.config.sample_size * 8}px native size, "
+                + f" — UNet {params / 1e6:.1f}M parameters, {unet.config.sample_size}x{unet.config.sample_size} latents, "
                   f"cross-attention dim {unet.config.cross_attention_dim}")
 
     def model_argv(self, state: dict) -> list[str]:
@@ -385,9 +385,13 @@ def _short(text: str, length: int = 40) -> str:
     return text if len(text) <= length else text[: length - 1] + "…"
 
 
-def build_app(data_dir: str | Path, model: str = TOY_MODEL, workers: int = 1) -> gr.Blocks:
-    """The page. `data_dir` holds every job, upload and artifact; nothing is written elsewhere."""
-    studio = Studio(data_dir, model=model, workers=workers)
+def build_app(data_dir: str | Path, model: str = TOY_MODEL, model_config: str | None = None, workers: int = 1) -> gr.Blocks:
+    """The page. `data_dir` holds every job, upload and artifact; nothing is written elsewhere.
+
+    Example:
+        >>> build_app("outputs/studio", workers=2).launch(server_port=7860)  # doctest: +SKIP
+    """
+    studio = Studio(data_dir, model=model, model_config=model_config, workers=workers)
     initial_model = studio.default_model
     with gr.Blocks(title="Diffusion Studio") as app:
         gr.Markdown("# Diffusion Studio")
@@ -414,7 +418,6 @@ def build_app(data_dir: str | Path, model: str = TOY_MODEL, workers: int = 1) ->
 
             with gr.Tab("Jobs", id="jobs"):
                 _jobs_tab(studio, timer)
-    app.studio = studio
     return app
 
 
