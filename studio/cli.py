@@ -242,6 +242,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
+    import signal
 
     user, sep, password = (args.auth or "").partition(":")
     if args.auth is not None and not (sep and user and password):
@@ -258,6 +259,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         unet_skeleton(args.model, args.model_config)
     app = build_app(data_dir, model=args.model, model_config=args.model_config, workers=args.workers)
+    # SIGTERM ends the server like Ctrl-C, through the exit handlers: running jobs are stopped, and
+    # training jobs checkpoint, rather than left behind.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     print(f"Diffusion Studio on http://{args.host}:{args.port} (data in {data_dir}; {args.workers} worker(s)); Ctrl-C stops it")
     app.queue(default_concurrency_limit=8).launch(
         quiet=not args.share,  # gradio's own banner suggests launch(share=True); ours is --share

@@ -1,6 +1,7 @@
 """The app's job queue (`studio.ui.jobs`) and its form-to-flags mapping, without a browser."""
 
 import json
+import time
 
 import pytest
 
@@ -48,6 +49,21 @@ def test_jobs_run_in_their_own_folders_and_survive_a_restart(tmp_path, toy_artif
     again = JobQueue(tmp_path / "data", workers=1)
     assert [j.id for j in again.list()] == [running.id, bad.id, good.id]
     assert again.get(good.id).status == DONE and again.get(running.id).status == STOPPED
+
+
+def test_shutdown_stops_running_training_with_a_checkpoint(tmp_path):
+    queue = JobQueue(tmp_path / "data", workers=1, poll_seconds=0.05)
+    job = queue.create("train", "long")
+    queue.submit(job, ["train", "--method", "lora", "--data", "shapesworld:shape=star,count=2", "--max-train-steps", "5000",
+                       "--train-batch-size", "1", "--output-dir", str(job.out)])
+    deadline = time.time() + 120
+    while not (job.out / "metrics.jsonl").is_file() or not (job.out / "metrics.jsonl").read_text():
+        assert time.time() < deadline and queue.get(job.id).status in (QUEUED, RUNNING), queue.log_tail(job.id)
+        time.sleep(0.2)
+    queue.shutdown()
+    assert queue.get(job.id).status == STOPPED and "continue with --resume latest" in queue.get(job.id).message
+    assert len(list((job.out / "checkpoints").glob("step-*"))) == 1
+    assert json.loads((tmp_path / "data" / "jobs" / job.id / "job.json").read_text())["status"] == STOPPED
 
 
 def test_stop_a_queued_job_and_resume_replaces_a_flag(tmp_path, toy_artifact):

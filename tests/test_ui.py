@@ -320,6 +320,29 @@ def test_serve_asks_for_the_login(tmp_path):
         assert Client(url, auth=("me", "secret"), verbose=False).predict("toy model", "", "", api_name="/choose_model")
 
 
+def test_stopping_the_app_stops_its_jobs(tmp_path):
+    """SIGTERM to `studio serve` stops a running training job with a checkpoint; none is left running."""
+    import json
+
+    from conftest import serve
+
+    with serve(tmp_path) as url:
+        client = Client(url, verbose=False)
+        values = form_values(client, "/start_train", method="lora",
+                             **{"ShapesWorld spec": "shapesworld:shape=heart,count=2", "max train steps": 5000,
+                                "train batch size": 1})
+        job_id, _ = start(client, values)
+        deadline = time.time() + 120
+        while "step " not in client.predict(job_id, api_name="/watch_train")[1]:
+            assert time.time() < deadline, "training never started"
+            time.sleep(0.5)
+        pid = json.loads((tmp_path / "data" / "jobs" / job_id / "job.json").read_text())["pid"]
+    record = json.loads((tmp_path / "data" / "jobs" / job_id / "job.json").read_text())
+    assert record["status"] == "stopped" and record["pid"] is None
+    assert not Path(f"/proc/{pid}").exists()
+    assert list((tmp_path / "data" / "jobs" / job_id / "out" / "checkpoints").glob("step-*"))
+
+
 def test_nothing_written_outside_the_data_folder(studio_server, trained):
     url, root = studio_server
     for name in ("cwd", "home", "tmp"):

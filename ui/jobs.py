@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shlex
@@ -49,6 +50,7 @@ class Job:
     started: float | None = None
     ended: float | None = None
     returncode: int | None = None
+    pid: int | None = None  # of the worker process while it runs
     message: str = ""  # the one line a failed command printed last, or why it stopped
 
     @property
@@ -85,12 +87,15 @@ class JobQueue:
         for path in sorted((self.root / "jobs").glob("*/job.json")):
             job = Job(**json.loads(path.read_text()))
             job.folder = str(path.parent)  # the data folder may have moved
-            if job.status in (RUNNING, STOPPING):  # the app stopped while it ran; its process is gone
+            if job.status in (RUNNING, STOPPING):  # the app died while it ran (a clean exit stops its jobs)
+                _stop_orphan(job.pid)
                 job.status, job.message = STOPPED, "the app stopped while this job ran; resume it or start it again"
                 job.save()
             self.jobs[job.id] = job
+        self._closed = False
         self._thread = threading.Thread(target=self._dispatch, name="studio-jobs", daemon=True)
         self._thread.start()
+        atexit.register(self.shutdown)
 
     # -- what the app calls -------------------------------------------------------------
 
@@ -157,11 +162,30 @@ class JobQueue:
         """The last `lines` lines of a job's output, with progress-bar redraws (\\r) as separate lines."""
         return "\n".join(_tail_lines(self.get(job_id).log, 200_000)[-lines:])
 
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop starting jobs and stop the running ones (SIGTERM: a training run checkpoints first),
+        so none outlives the app and writes into a folder a later app would reuse. Runs at exit."""
+        with self.lock:
+            self._closed = True
+            for job_id, process in self.processes.items():
+                self.jobs[job_id].status = STOPPING
+                process.send_signal(signal.SIGTERM)
+        deadline = time.time() + timeout
+        for process in list(self.processes.values()):
+            try:
+                process.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+        with self.lock:
+            self._reap()
+
     # -- the dispatcher -----------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        while True:
+        while not self._closed:
             with self.lock:
+                if self._closed:
+                    break
                 self._reap()
                 running = sum(1 for j in self.jobs.values() if j.status in (RUNNING, STOPPING))
                 waiting = sorted((j for j in self.jobs.values() if j.status == QUEUED), key=lambda j: j.created)
@@ -179,7 +203,7 @@ class JobQueue:
             stdin=subprocess.DEVNULL, env=env, start_new_session=True,  # a Ctrl-C in the app's terminal is not theirs
         )
         log.close()
-        job.status, job.started = RUNNING, time.time()
+        job.status, job.started, job.pid = RUNNING, time.time(), self.processes[job.id].pid
         job.save()
 
     def _reap(self) -> None:
@@ -189,11 +213,11 @@ class JobQueue:
                 continue
             del self.processes[job_id]
             job = self.jobs[job_id]
-            job.returncode, job.ended = code, time.time()
-            if job.status == STOPPING:
-                job.status, job.message = STOPPED, self._last_line(job) or "stopped"
-            elif code == 0:
+            job.returncode, job.ended, job.pid = code, time.time(), None
+            if code == 0:  # finished, even if a stop came too late
                 job.status, job.message = DONE, ""
+            elif job.status == STOPPING:
+                job.status, job.message = STOPPED, self._last_line(job) or "stopped"
             else:
                 job.status, job.message = FAILED, self._last_line(job) or f"exit status {code}"
             job.save()
@@ -202,6 +226,18 @@ class JobQueue:
     def _last_line(job: Job) -> str:
         lines = _tail_lines(job.log, 4000)
         return lines[-1].strip() if lines else ""
+
+
+def _stop_orphan(pid: int | None) -> None:
+    """SIGTERM a worker left running by an app that died, if that pid is still one of our workers."""
+    if not pid:
+        return
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return  # gone (or no /proc): nothing to stop
+    if b"studio.cli" in command:
+        os.kill(pid, signal.SIGTERM)
 
 
 def _tail_lines(path: Path, max_bytes: int) -> list[str]:
