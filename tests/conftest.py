@@ -22,6 +22,25 @@ def tokenizer():
     return CLIPTokenizer.from_pretrained(toy_model_path() / "tokenizer")
 
 
+@pytest.fixture
+def toy_artifact(tmp_path):
+    """A real (untrained) LoRA artifact for the toy model, written by the adapter's own code."""
+    import dataclasses
+
+    from studio import registry
+    from studio.artifact import fingerprint, save_artifact
+    from studio.pipeline import load
+
+    unet = load("toy", device="cpu").unet
+    adapter = registry.get("lora").adapter
+    config = registry.get("lora").trainer.default_config({})
+    names = adapter.inject(unet, config)
+    path = tmp_path / "lora.safetensors"
+    save_artifact(path, adapter.state_dict(unet), "lora", dataclasses.asdict(config), fingerprint(unet, names),
+                  extra_metadata=adapter.file_metadata(config))
+    return path
+
+
 @contextlib.contextmanager
 def serve(root, *extra_args):
     """`studio serve` in a subprocess on a free port, in `root/cwd` with HOME and TMPDIR under `root`

@@ -9,25 +9,6 @@ from studio.errors import StudioError
 from studio.ui.jobs import DONE, FAILED, QUEUED, RUNNING, STOPPED, JobQueue
 
 
-@pytest.fixture
-def toy_artifact(tmp_path):
-    """A real (untrained) LoRA artifact for the toy model, written by the adapter's own code."""
-    import dataclasses
-
-    from studio import registry
-    from studio.artifact import fingerprint, save_artifact
-    from studio.pipeline import load
-
-    unet = load("toy", device="cpu").unet
-    adapter = registry.get("lora").adapter
-    config = registry.get("lora").trainer.default_config({})
-    names = adapter.inject(unet, config)
-    path = tmp_path / "lora.safetensors"
-    save_artifact(path, adapter.state_dict(unet), "lora", dataclasses.asdict(config), fingerprint(unet, names),
-                  extra_metadata=adapter.file_metadata(config))
-    return path
-
-
 def test_jobs_run_in_their_own_folders_and_survive_a_restart(tmp_path, toy_artifact):
     queue = JobQueue(tmp_path / "data", workers=2, poll_seconds=0.05)
     good, bad = queue.create("inspect", "good"), queue.create("inspect", "bad")

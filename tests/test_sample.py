@@ -71,3 +71,19 @@ def test_cli_corrupt_model_file(tmp_path, capsys):
 def test_sample_settings_validate_directly(toy_pipe):
     with pytest.raises(StudioError, match="steps must be at least 1"):
         sample(toy_pipe, ["a red circle"], steps=0)
+
+
+def test_two_artifacts_with_the_same_file_name_stack(tmp_path, toy_artifact):
+    """Two runs both write lora.safetensors; `--adapter a/lora.safetensors --adapter b/lora.safetensors` stacks both."""
+    import json
+    import shutil
+
+    from studio.cli import main
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(toy_artifact, tmp_path / folder / "lora.safetensors")
+    out = tmp_path / "samples"
+    assert main(["sample", "a red sks", "--steps", "2", "--output-dir", str(out), "--adapter", str(tmp_path / "a" / "lora.safetensors"),
+                 "--adapter", f"{tmp_path / 'b' / 'lora.safetensors'}:0.5"]) == 0
+    assert [a["scale"] for a in json.loads((out / "settings.json").read_text())["adapters"]] == [1.0, 0.5]

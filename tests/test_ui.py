@@ -226,6 +226,18 @@ def test_model_tab_and_an_artifact_for_another_model(trained, studio_server, tmp
     assert "lora" in other_session.predict(toy_lora, api_name="/add_artifact")
 
 
+def test_upload_a_good_artifact(trained, tmp_path):
+    client, job_id, *_, root = trained
+    import shutil
+
+    mine = tmp_path / "my lora.safetensors"  # a name with a space: stored under a safe name
+    shutil.copy(root / "data" / "jobs" / job_id / "out" / "lora.safetensors", mine)
+    result = client.predict(handle_file(str(mine)), api_name="/upload_artifact")
+    message = result[0] if isinstance(result, (list, tuple)) else result
+    assert "added lora: my_lora.safetensors" in message
+    assert len(list((root / "data" / "artifacts").rglob("my_lora.safetensors"))) == 1
+
+
 def test_good_upload_trains(studio_server, tmp_path):
     """Images + captions uploaded from the page become the job's dataset (copied into its folder)."""
     url, root = studio_server

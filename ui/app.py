@@ -304,7 +304,7 @@ class Studio:
         for job in self.queue.list():
             if job.status == DONE:
                 choices += [(f"{p.name} · {job.title} · {job.id}", str(p)) for p in sorted(job.out.glob("*.safetensors"))]
-        choices += [(f"{p.name} · uploaded", str(p)) for p in sorted(self.artifact_dir.glob("*.safetensors"))]
+        choices += [(f"{p.name} · uploaded", str(p)) for p in sorted(self.artifact_dir.rglob("*.safetensors"))]
         return choices
 
     @shows_errors
