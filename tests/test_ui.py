@@ -336,6 +336,10 @@ def test_every_tab_in_headless_chromium(trained, studio_server, tmp_path):
         jobs_pick.press("Enter")
         expect(page.get_by_text("studio train --method lora").last).to_be_visible(timeout=30_000)
         page.screenshot(path=shots / "jobs.png", full_page=True)
+        # A reload keeps every job: they live on disk, not in the page.
+        page.reload()
+        tab("Jobs").click()
+        expect(page.get_by_text(job_id, exact=True).first).to_be_visible(timeout=30_000)
 
         # A bad upload shows its message in the page.
         tab("Train").click()
