@@ -192,6 +192,7 @@ class Studio:
         return state, self.describe_model(state, unet)
 
     def describe_model(self, state: dict, unet=None) -> str:
+        """One Markdown line on the current model: its path and its UNet's size."""
         from studio.pipeline import unet_skeleton
 
         unet = unet or unet_skeleton(state["model"], state["model_config"])
@@ -201,6 +202,7 @@ class Studio:
                   f"cross-attention dim {unet.config.cross_attention_dim}")
 
     def model_argv(self, state: dict) -> list[str]:
+        """The `--model` (and `--model-config`) flags for the session's model."""
         return ["--model", state["model"]] + (["--model-config", state["model_config"]] if state["model_config"] else [])
 
     # -- Train (and every later kind of job built the same way) ------------------------------
@@ -243,12 +245,14 @@ class Studio:
 
     @shows_errors
     def stop(self, job_id: str | None) -> str:
+        """Stop the picked job (a training run checkpoints first)."""
         if not job_id:
             raise StudioError("pick a job first")
         return self.status_line(self.queue.stop(job_id).id)
 
     @shows_errors
     def resume(self, job_id: str | None) -> str:
+        """Queue a stopped or failed training job again, from its latest checkpoint if it has one."""
         if not job_id:
             raise StudioError("pick a job first")
         job = self.queue.get(job_id)
@@ -258,9 +262,11 @@ class Studio:
         return self.status_line(self.queue.resume(job_id, extra).id)
 
     def job_choices(self, kind: str | None = None) -> list[tuple[str, str]]:
+        """(label, id) of every job, or of one kind's, newest first, for a job picker."""
         return [(f"{j.id} · {j.title} · {j.status}", j.id) for j in self.queue.list() if kind in (None, j.kind)]
 
     def status_line(self, job_id: str) -> str:
+        """**status** — title: message."""
         job = self.queue.get(job_id)
         return f"**{job.status}** — {job.title}" + (f": {job.message}" if job.message else "")
 
@@ -319,6 +325,7 @@ class Studio:
 
     @shows_errors
     def upload_artifact(self, model_state: dict, stack: list[dict], layout: int, file: str | None):
+        """Check an uploaded artifact against the model, store it under `artifacts/`, put it on the stack."""
         if not file:
             raise StudioError("no file uploaded")
         upload = uploads.inside(self.upload_dir, file)
@@ -362,6 +369,7 @@ class Studio:
     # -- Jobs ----------------------------------------------------------------------------
 
     def job_table(self) -> list[list]:
+        """The Jobs tab's table: id, kind, title, status, run time, message."""
         import time
 
         rows = []
@@ -372,6 +380,7 @@ class Studio:
         return rows
 
     def job_details(self, job_id: str | None) -> tuple[str, str, list[str], str]:
+        """Status, command, output files (not the cache, checkpoints or tensorboard logs) and log of a job."""
         if not job_id:
             return "", "", [], ""
         job = self.queue.get(job_id)
