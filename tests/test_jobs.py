@@ -100,3 +100,12 @@ def test_inspect_checks_the_base_model(tmp_path, toy_artifact, capsys):
     tiny_sd_pipeline().save_pretrained(other)
     assert main(["inspect", str(toy_artifact), "--model", str(other)]) == 2
     assert "was made on another base model" in capsys.readouterr().err
+
+
+def test_progress_is_read_from_the_latest_bar_in_the_log(tmp_path):
+    queue = JobQueue(tmp_path / "data", workers=0)
+    job = queue.submit(queue.create("sample", "x"), ["sample", "x"])
+    assert queue.progress(job.id) is None
+    job.log.write_text("Loading pipeline components...: 100%|##########| 7/7 [00:00<00:00]\r"
+                       "sampling:   0%|          | 0/16 [00:00<?, ?img/s]\rsampling:  50%|#####     | 8/16 [00:03<00:03]")
+    assert queue.progress(job.id) == ("sampling", 8, 16)

@@ -313,7 +313,7 @@ def test_every_tab_in_headless_chromium(trained, studio_server, tmp_path):
         expect(page.get_by_text("lora: lora.safetensors", exact=True)).to_be_visible(timeout=30_000)  # its on/off box
         expect(page.get_by_role("slider", name="range slider for scale", exact=True)).to_be_enabled()
         page.get_by_role("button", name="Sample", exact=True).click()
-        expect(page.get_by_text("4 images")).to_be_visible(timeout=120_000)  # 2 default prompts x 2 seeds
+        expect(page.get_by_text("4 images · job")).to_be_visible(timeout=120_000)  # 2 default prompts x 2 seeds
         expect(page.locator(".cm-content").filter(has_text="studio sample")).to_contain_text("--adapter")
         page.screenshot(path=shots / "compose-and-sample.png", full_page=True)
         # Its scale and its on/off box reach the command.

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import re
+import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from studio import registry
 from studio.errors import StudioError
 from studio.pipeline import SCHEDULERS, TOY_MODEL
 from studio.ui import uploads
-from studio.ui.jobs import DONE, JobQueue
+from studio.ui.jobs import DONE, FINISHED, JobQueue
 
 # ShapesWorld datasets one click away (edit the spec in the page for others).
 SHAPESWORLD_PRESETS = {
@@ -337,7 +338,8 @@ class Studio:
 
     @shows_errors
     def sample(self, model_state: dict, stack: list[dict], prompts: str, negative: str, seeds: str, steps: float,
-               guidance: float, scheduler: str, width: float | None, height: float | None) -> tuple[list, str, str]:
+               guidance: float, scheduler: str, width: float | None, height: float | None,
+               progress: gr.Progress = gr.Progress()) -> tuple[list, str, str]:
         """Queue `studio sample ...` with the enabled artifacts at their scales, wait, return the images."""
         from studio.sample import SampleSettings
 
@@ -360,7 +362,14 @@ class Studio:
         argv += [arg for key, value in size.items() if value for arg in (f"--{key}", str(value))]
         argv += [*adapter_argv, *self.model_argv(model_state), "--output-dir", str(job.out)]
         self.queue.submit(job, argv)
-        job = self.queue.wait(job.id)
+        while self.queue.get(job.id).status not in FINISHED:
+            bar = self.queue.progress(job.id)
+            if bar and bar[0] == "sampling":
+                progress((bar[1], bar[2]), desc="sampling", unit="images")
+            else:
+                progress(None, desc="loading the model")
+            time.sleep(0.5)
+        job = self.queue.get(job.id)
         if job.status != DONE:
             raise StudioError(f"sampling {job.status}: {job.message or 'see its log in the Jobs tab'}")
         images = [str(p) for p in sorted(job.out.glob("*.png")) if p.name != "grid.png"]
@@ -370,8 +379,6 @@ class Studio:
 
     def job_table(self) -> list[list]:
         """The Jobs tab's table: id, kind, title, status, run time, message."""
-        import time
-
         rows = []
         for job in self.queue.list():
             took = ((job.ended or time.time()) - job.started) if job.started else None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -34,6 +35,7 @@ from studio.errors import StudioError
 
 QUEUED, RUNNING, STOPPING, DONE, FAILED, STOPPED = "queued", "running", "stopping", "done", "failed", "stopped"
 FINISHED = (DONE, FAILED, STOPPED)
+PROGRESS_LINE = re.compile(r"(?P<desc>[^:|]*):\s+\d+%\|[^|]*\|\s*(?P<done>\d+)/(?P<total>\d+)")  # a tqdm bar
 
 
 @dataclass
@@ -157,6 +159,19 @@ class JobQueue:
         while self.get(job_id).status not in FINISHED and time.time() < deadline:
             time.sleep(self.poll_seconds)
         return self.get(job_id)
+
+    def progress(self, job_id: str) -> tuple[str, int, int] | None:
+        """The job's latest progress bar as (description, done, total), read from its log, or None.
+
+        Example:
+            >>> queue.progress(job.id)  # doctest: +SKIP
+            ('sampling', 8, 16)
+        """
+        for line in reversed(_tail_lines(self.get(job_id).log, 4000)):
+            match = PROGRESS_LINE.search(line)
+            if match:
+                return match["desc"].strip(), int(match["done"]), int(match["total"])
+        return None
 
     def log_tail(self, job_id: str, lines: int = 40) -> str:
         """The last `lines` lines of a job's output, with progress-bar redraws (\\r) as separate lines."""
