@@ -146,17 +146,20 @@ def _flag(name: str) -> str:
 def add_train_args(parser: argparse.ArgumentParser) -> None:
     """Every `TrainConfig` field and every registered method's option as a flag; default None = not given."""
     import dataclasses
+    import typing
 
     from studio import registry
     from studio.trainers.base import TrainConfig
 
     parser.add_argument("--config", dest="config_file", default=None, help="TOML file whose keys are these flags")
+    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("method_options", "model"):
             continue
-        kind = "bool" if f.type in (bool, "bool") else None
-        if kind:
+        if hints[f.name] is bool:
             parser.add_argument(_flag(f.name), default=None, action=argparse.BooleanOptionalAction)
+        elif typing.get_origin(hints[f.name]) is typing.Literal:
+            parser.add_argument(_flag(f.name), default=None, choices=typing.get_args(hints[f.name]), help=f"default {f.default!r}")
         else:
             parser.add_argument(_flag(f.name), default=None, help=f"default {f.default!r}")
     seen = set()

@@ -74,6 +74,8 @@ def test_form_fields_become_the_cli_flags():
     assert common["gradient_checkpointing"].argv(True) == ["--gradient-checkpointing"]
     assert common["resolution"].argv("") == [] and common["resolution"].argv("48") == ["--resolution", "48"]
     assert common["validation_prompt"].argv("a red sks") == ["--validation-prompt", "a red sks"]
+    assert common["mixed_precision"].argv("bf16") == ["--mixed-precision", "bf16"]
+    assert common["mixed_precision"].argv("no") == []
     assert lora["target_modules"].argv("to_q, to_v") == ["--target-modules", "to_q,to_v"]
     assert lora["target_modules"].argv("to_q,to_k,to_v,to_out.0") == []
     with pytest.raises(StudioError, match="max_train_steps must be a whole number"):
@@ -82,10 +84,15 @@ def test_form_fields_become_the_cli_flags():
     from studio.cli import build_parser, train_config_from_args
 
     argv = ["train", "--method", "lora", "--data", "shapesworld:shape=star"]
-    argv += common["max_train_steps"].argv(20) + common["gradient_checkpointing"].argv(True)
+    argv += common["max_train_steps"].argv(20) + common["gradient_checkpointing"].argv(True) + common["mixed_precision"].argv("bf16")
     argv += common["snr_gamma"].argv("5") + lora["rank"].argv(8.0) + lora["target_modules"].argv("to_q, to_v")
     config = train_config_from_args(build_parser().parse_args(argv))
     assert (config.max_train_steps, config.gradient_checkpointing, config.snr_gamma) == (20, True, 5.0)
+    assert config.mixed_precision == "bf16"
+    from studio.trainers.options import config_from_options
+
+    with pytest.raises(StudioError, match="must be one of no, fp16, bf16"):  # a TOML file can't pass a bad value either
+        config_from_options(TrainConfig, {"mixed_precision": "fp8"})
     assert config.method_options == {"rank": "8", "target_modules": "to_q,to_v"}
 
 

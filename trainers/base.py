@@ -27,6 +27,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ class TrainConfig:
     learning_rate: float = 1e-4
     max_train_steps: int = 500
     seed: int = 0
-    mixed_precision: str = "no"  # no, fp16, bf16
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
     checkpointing_steps: int = 0  # 0: only the final artifact

@@ -33,6 +33,10 @@ def _convert(raw, hint, key: str):
     optional = [a for a in typing.get_args(hint) if a is not type(None)]
     if type(None) in typing.get_args(hint) and len(optional) == 1:
         hint = optional[0]  # "int | None" converts like int
+    if typing.get_origin(hint) is typing.Literal:
+        if raw not in typing.get_args(hint):
+            raise StudioError(f"option {key!r} must be one of {', '.join(map(str, typing.get_args(hint)))} (got {raw!r})")
+        return raw
     try:
         if hint is bool:
             if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):

@@ -84,6 +84,8 @@ class Field:
         kind = self.base_type
         if kind is bool:
             return gr.Checkbox(value=self.default, label=label)
+        if typing.get_origin(kind) is typing.Literal:
+            return gr.Dropdown(list(typing.get_args(kind)), value=self.default, label=label)
         if kind in (int, float) and self.default is None:  # optional: empty means "not given"
             return gr.Textbox("", label=label, placeholder="default")
         if kind in (int, float):
@@ -440,7 +442,7 @@ def build_app(data_dir: str | Path, model: str = TOY_MODEL, model_config: str | 
 def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State, timer: gr.Timer) -> None:
     common, per_method = studio.fields(kind)
     methods = list(per_method)
-    with gr.Tab(task.title, id=task.command):
+    with gr.Tab(task.title, id=task.command) as tab:
         with gr.Row():
             with gr.Column(scale=1):
                 method = gr.Dropdown(methods, value=methods[0], label="method")
@@ -488,6 +490,8 @@ def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State, time
     resume.click(studio.resume, job, status, api_name=f"resume_{task.command}")
     watched = [status, progress, loss, gallery, artifact, log, command]
     job.change(studio.watch, job, watched, api_name=f"watch_{task.command}")
+    tab.select(lambda job_id: gr.update(choices=studio.job_choices(task.command), value=job_id), job, job,
+               api_visibility="private")  # jobs started from other pages too
     timer.tick(studio.watch, job, watched, show_progress="hidden", api_visibility="private")
 
 
