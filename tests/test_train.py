@@ -47,6 +47,40 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_sigterm_stops_with_a_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
+    """A SIGTERM during step 3 (the app's Stop button) ends the run after that step with a checkpoint;
+    resuming from it gives the same weights as a run that never stopped."""
+    import signal
+
+    from studio.trainers import base
+
+    def run(folder, resume=None):
+        return train(TrainConfig(method="lora", data=STAR, output_dir=str(folder), max_train_steps=6, train_batch_size=2,
+                                 learning_rate=1e-3, resume=resume, method_options={"rank": 2, "dropout": 0.1}))
+
+    straight = load_file(str(run(tmp_path / "a").artifact))
+    calls, real_batch_loss = [], base.batch_loss
+
+    def batch_loss_with_a_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)  # handled by the loop: a flag, not an exit
+        return real_batch_loss(*args, **kwargs)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(base, "batch_loss", batch_loss_with_a_signal)
+    with pytest.raises(base.TrainingStopped, match="stopped at step 3 of 6"):
+        run(tmp_path / "b")
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
+    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step-3"]
+    assert not (tmp_path / "b" / "lora.safetensors").exists()
+    monkeypatch.setattr(base, "batch_loss", real_batch_loss)
+    resumed = load_file(str(run(tmp_path / "b", resume="latest").artifact))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
 def test_cli_train_with_toml_and_flag_override(tmp_path, capsys):
     job = tmp_path / "job.toml"
     job.write_text(f'method = "oft"\ndata = "{STAR}"\nmax-train-steps = 50\nblock-size = 8\ntrain-batch-size = 2\n')
