@@ -47,16 +47,20 @@ PRIOR_DATA = "shapesworld:shape=seen,count=120,caption={caption},seed=1"
 # is the method's own default config, with prior preservation on the seen
 # shapes (DreamBooth's remedy for the drift that costs preservation).
 # Learning rates, measured with these settings (fidelity / preservation):
-#   OFT   1e-3: 0.50 / -0.058   2e-3: 0.44 / -0.088   5e-4: 0.72 / -0.038
-#   BOFT  1e-3: 0.63 / -0.010   3e-3: 0.53 / -0.080   5e-4: 0.75 / +0.005
-#   SaRA  1e-3: 0.38 / +0.005   3e-3: 0.66 / -0.008   6e-3: 0.66 / -0.040
+#   OFT   2e-3: 0.44 / -0.088   1e-3: 0.50 / -0.058   5e-4: 0.72 / -0.038
+#         3.5e-4: 0.72 / +0.005   2.5e-4: 0.78 / +0.000   1.25e-4: 0.41 / +0.003
+#   BOFT  3e-3: 0.53 / -0.080   1e-3: 0.63 / -0.010   5e-4: 0.75 / +0.005   2.5e-4: 0.41 / +0.003
+#   SaRA  (fraction 0.1) 1e-3: 0.38 / +0.005   3e-3: 0.66 / -0.008   6e-3: 0.66 / -0.040
+#         (fraction 0.2) 3e-3: 0.84 / -0.023
 #   LoRA  1e-3: 0.84 / +0.003
+# (the rows from 2026-11-23 on: benchmarks/personalize_sweep.py, kept in
+# benchmarks/results/personalize-sweep.jsonl)
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
 RECIPES: dict[str, dict] = {
     "lora": {"learning_rate": 1e-3, "method_options": {"rank": 8, "alpha": 8.0, "target_modules": TARGETS}},
-    "oft": {"learning_rate": 5e-4, "method_options": {"target_modules": TARGETS}},
+    "oft": {"learning_rate": 2.5e-4, "method_options": {"target_modules": TARGETS}},
     "boft": {"learning_rate": 5e-4, "method_options": {"target_modules": TARGETS}},
-    "sara": {"learning_rate": 3e-3, "method_options": {"target_modules": TARGETS}},
+    "sara": {"learning_rate": 3e-3, "method_options": {"fraction": 0.2, "target_modules": TARGETS}},
 }
 SHARED = {"max_train_steps": 1000, "train_batch_size": 4, "seed": 0, "prior_data": PRIOR_DATA, "prior_loss_weight": 1.0}
 
