@@ -78,11 +78,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     adapters = [parse_adapter_arg(spec) for spec in args.adapter]
     pipe = load_model(args)
     for path, scale in adapters:
-        name, n = path.stem, 1
-        while name in plugin.applied(pipe):  # two runs' lora.safetensors stack as lora, lora-2
-            n += 1
-            name = f"{path.stem}-{n}"
-        plugin.apply(pipe, path, scale, name=name)
+        plugin.apply(pipe, path, scale)
     result = sample(pipe, prompts, seeds=args.seed, output_dir=output_dir,
                     record={"adapters": [{"file": str(p), "scale": s} for p, s in adapters]}, **settings)
     print(f"wrote {len(result.files)} images, grid.png and settings.json to {result.output_dir} in {result.seconds:.1f}s")

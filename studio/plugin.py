@@ -111,7 +111,8 @@ def _layers(pipe, name: str) -> list[AdaptedLayer]:
 
 
 def apply(pipe, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
-    """Attach the artifact at `path` to `pipe` at `scale`; return its name (default: the file stem).
+    """Attach the artifact at `path` to `pipe` at `scale`; return its name (default: the file stem,
+    made unique: two runs' `lora.safetensors` are applied as `lora` and `lora-2`).
 
     A file made on another base model is refused, naming the layers that differ.
 
@@ -122,7 +123,11 @@ def apply(pipe, path: str | Path, scale: float = 1.0, name: str | None = None) -
     path = Path(path)
     header = read_header(path)
     method = registry.get(header.method)
-    name = name or path.stem
+    if name is None:
+        name, n = path.stem, 1
+        while name in _registry(pipe):
+            n += 1
+            name = f"{path.stem}-{n}"
     if name in _registry(pipe):
         raise StudioError(f"an artifact named {name!r} is already applied; pass another name or remove it first")
     model = _model(pipe)

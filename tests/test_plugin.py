@@ -97,6 +97,19 @@ def test_compose_different_methods_on_one_layer(tmp_path):
     assert torch.allclose(_unet_output(pipe), _unet_output(single), atol=1e-6)
 
 
+def test_two_files_with_the_same_name_compose(tmp_path):
+    """Two runs both write lora.safetensors: by default they are applied as lora and lora-2; an explicit
+    name that is already taken is still refused."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, _ = _trained_artifact("lora", tmp_path / "a", seed=1)
+    second, _ = _trained_artifact("lora", tmp_path / "b", seed=2)
+    pipe = tiny_sd_pipeline()
+    assert plugin.compose(pipe, [(first, 1.0), (second, 0.5)]) == ["lora", "lora-2"]
+    with pytest.raises(StudioError, match="an artifact named 'lora' is already applied"):
+        plugin.apply(pipe, second, name="lora")
+
+
 def test_artifact_for_another_base_model_is_refused(tmp_path, toy_pipe):
     path, _ = _trained_artifact("oft", tmp_path)
     with pytest.raises(StudioError, match="made on another base model.*layers differ"):
