@@ -27,12 +27,22 @@ def config_from_options(config_cls, options: dict):
     return config_cls(**values)
 
 
+def unwrap_optional(hint):
+    """`int | None` -> `int`; any other hint as it is.
+
+    Example:
+        >>> unwrap_optional(int | None), unwrap_optional(str)
+        (<class 'int'>, <class 'str'>)
+    """
+    args = typing.get_args(hint)
+    optional = [a for a in args if a is not type(None)]
+    return optional[0] if type(None) in args and len(optional) == 1 else hint
+
+
 def _convert(raw, hint, key: str):
     if not isinstance(raw, str):
         return raw
-    optional = [a for a in typing.get_args(hint) if a is not type(None)]
-    if type(None) in typing.get_args(hint) and len(optional) == 1:
-        hint = optional[0]  # "int | None" converts like int
+    hint = unwrap_optional(hint)  # "int | None" converts like int
     if typing.get_origin(hint) is typing.Literal:
         if raw not in typing.get_args(hint):
             raise StudioError(f"option {key!r} must be one of {', '.join(map(str, typing.get_args(hint)))} (got {raw!r})")

@@ -28,6 +28,7 @@ import gradio as gr
 from studio import registry
 from studio.errors import StudioError
 from studio.pipeline import SCHEDULERS, TOY_MODEL
+from studio.trainers.options import unwrap_optional
 from studio.ui import uploads
 from studio.ui.jobs import DONE, FINISHED, JobQueue
 
@@ -76,8 +77,7 @@ class Field:
 
     @property
     def base_type(self):
-        args = [a for a in typing.get_args(self.hint) if a is not type(None)]
-        return args[0] if type(None) in typing.get_args(self.hint) and len(args) == 1 else self.hint
+        return unwrap_optional(self.hint)
 
     def component(self) -> gr.components.Component:
         label = self.name.replace("_", " ")
