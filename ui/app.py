@@ -234,12 +234,12 @@ class Studio:
             parse_shapesworld_spec(spec.removeprefix("shapesworld:"))  # a bad spec fails here, not in the job
             data = spec if spec.startswith("shapesworld:") else "shapesworld:" + spec
         else:
-            uploads.check_dataset(files or [], self.upload_dir)  # before the job's folder exists
+            checked = uploads.check_dataset(files or [], self.upload_dir)  # before the job's folder exists
         option_argv = [arg for field, value in zip(every, values) if field.owner in ("common", method)
                        for arg in field.argv(value)]
         job = self.queue.create(self.tasks[kind].command, f"{method} on {_short(spec) if source == 'ShapesWorld' else 'upload'}")
         if source != "ShapesWorld":
-            uploads.copy_dataset(files, self.upload_dir, Path(job.folder) / "data")
+            uploads.copy_dataset(checked, Path(job.folder) / "data")
             data = str(Path(job.folder) / "data")
         argv = [self.tasks[kind].command, "--method", method, "--data", data, *self.model_argv(model_state),
                 "--output-dir", str(job.out), *option_argv]
@@ -323,7 +323,12 @@ class Studio:
             raise StudioError("pick an artifact from the list (or upload one) first")
         resolved = uploads.inside(self.data_dir, path)
         header = uploads.check_artifact(resolved, model_state["model"], model_state["model_config"])
-        item = {"path": str(resolved), "name": f"{header.method}: {resolved.name}", "scale": 1.0, "enabled": True}
+        return self._stack(stack, layout, resolved, header)
+
+    @staticmethod
+    def _stack(stack: list[dict], layout: int, path: Path, header) -> tuple[list, int, str]:
+        """The stack with a checked artifact added on top (on, at scale 1), the redraw counter, a message."""
+        item = {"path": str(path), "name": f"{header.method}: {path.name}", "scale": 1.0, "enabled": True}
         return stack + [item], layout + 1, f"added {item['name']}"
 
     @shows_errors
@@ -333,9 +338,9 @@ class Studio:
             raise StudioError("no file uploaded")
         upload = uploads.inside(self.upload_dir, file)
         digest = hashlib.sha256(upload.read_bytes()).hexdigest()[:8]  # two uploads named alike don't collide
-        target = uploads.import_artifact(upload, self.upload_dir, self.artifact_dir / digest, model_state["model"],
-                                         model_state["model_config"])
-        stack, layout, message = self.add_artifact(model_state, stack, layout, str(target))
+        target, header = uploads.import_artifact(upload, self.upload_dir, self.artifact_dir / digest,
+                                                 model_state["model"], model_state["model_config"])
+        stack, layout, message = self._stack(stack, layout, target, header)
         return stack, layout, message, gr.update(choices=self.artifact_choices())
 
     @shows_errors

@@ -94,15 +94,14 @@ def check_dataset(files: list[str | Path], upload_root: str | Path) -> list[tupl
     return checked
 
 
-def copy_dataset(files: list[str | Path], upload_root: str | Path, dest: str | Path) -> dict:
-    """Check an upload (`check_dataset`) and copy it into `dest` as a kohya-style folder (`x.png` +
-    `x.txt`). Nothing is copied unless every file passes. Returns counts.
+def copy_dataset(checked: list[tuple[Path, str]], dest: str | Path) -> dict:
+    """Copy a checked upload (what `check_dataset` returned) into `dest` as a kohya-style folder
+    (`x.png` + `x.txt`). Returns counts.
 
     Example:
-        >>> copy_dataset(["/data/tmp/a.png", "/data/tmp/a.txt"], "/data/tmp", "/data/jobs/1/data")  # doctest: +SKIP
+        >>> copy_dataset(check_dataset(files, "/data/tmp"), "/data/jobs/1/data")  # doctest: +SKIP
         {'images': 1, 'captions': 1}
     """
-    checked = check_dataset(files, upload_root)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for path, name in checked:
@@ -133,11 +132,12 @@ def check_artifact(path: str | Path, model: str, model_config: str | None = None
 
 
 def import_artifact(file: str | Path, upload_root: str | Path, dest: str | Path, model: str,
-                    model_config: str | None = None) -> Path:
-    """Check an uploaded artifact against `model`, then copy it into the folder `dest`."""
+                    model_config: str | None = None):
+    """Check an uploaded artifact against `model`, then copy it into the folder `dest`.
+    Returns the copy's path and the file's header."""
     path = inside(upload_root, file)
-    check_artifact(path, model, model_config)
+    header = check_artifact(path, model, model_config)
     target = Path(dest) / safe_name(path.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, target)
-    return target
+    return target, header
