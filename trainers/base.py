@@ -281,13 +281,15 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
                                           "seconds": round(time.time() - start, 3)}) + "\n")
                 metrics.flush()
 
-            if config.checkpointing_steps and (step + 1) % config.checkpointing_steps == 0:
-                accelerator.save_state(str(output_dir / "checkpoints" / f"step-{step + 1}"))
+            checkpoint = output_dir / "checkpoints" / f"step-{step + 1}"
+            saved = bool(config.checkpointing_steps) and (step + 1) % config.checkpointing_steps == 0
+            if saved:
+                accelerator.save_state(str(checkpoint))
             if config.validation_prompt and config.validation_steps and (step + 1) % config.validation_steps == 0:
                 _validate(pipe, config, step + 1, output_dir, accelerator)
             if stop.requested and step + 1 < config.max_train_steps:
-                checkpoint = output_dir / "checkpoints" / f"step-{step + 1}"
-                accelerator.save_state(str(checkpoint))
+                if not saved:  # a periodic checkpoint of this very step is already on disk
+                    accelerator.save_state(str(checkpoint))
                 bar.close()
                 accelerator.end_training()
                 raise TrainingStopped(f"stopped at step {step + 1} of {config.max_train_steps}; checkpoint in {checkpoint}; "
