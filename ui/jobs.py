@@ -146,7 +146,7 @@ class JobQueue:
         job = self.get(job_id)
         if job.status not in (STOPPED, FAILED):
             raise StudioError(f"job {job_id} is {job.status}; only a stopped or failed job can be resumed")
-        argv = [a for a in job.argv]
+        argv = list(job.argv)
         for i in range(0, len(extra_argv), 2):  # replace a flag given before rather than repeat it
             if extra_argv[i] in argv:
                 del argv[argv.index(extra_argv[i]):argv.index(extra_argv[i]) + 2]
@@ -197,10 +197,10 @@ class JobQueue:
     # -- the dispatcher -----------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        while not self._closed:
+        while True:
             with self.lock:
-                if self._closed:
-                    break
+                if self._closed:  # checked under the lock: shutdown() and a start never interleave
+                    return
                 self._reap()
                 running = sum(1 for j in self.jobs.values() if j.status in (RUNNING, STOPPING))
                 waiting = sorted((j for j in self.jobs.values() if j.status == QUEUED), key=lambda j: j.created)
