@@ -228,18 +228,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from studio.convert import from_kohya, is_studio_file, to_kohya, to_peft
+    from studio.artifact import read_header
+    from studio.convert import (from_kohya, from_lycoris, is_lycoris_file, is_studio_file, lycoris_form, peft_form, to_kohya,
+                                to_lycoris, to_peft)
 
     source = Path(args.file)
     if args.to == "peft":
         written = to_peft(source, args.output)
+        form = peft_form(read_header(source))
+    elif args.to == "lycoris":
+        written = to_lycoris(source, args.output, model=args.model)
+        form = lycoris_form(read_header(source))
     elif args.to == "kohya":
-        written = to_kohya(source, args.output)
+        written, form = to_kohya(source, args.output), "kohya/A1111 LoRA keys"
     elif is_studio_file(source):  # --to diffusers from our own file: it already has diffusers keys
         raise StudioError(f"{source} is already a studio file with diffusers keys; pipe.load_lora_weights loads it as is")
+    elif is_lycoris_file(source):  # full / diag-oft modules: their exact weight differences, in SaRA's layout
+        written = from_lycoris(source, args.output, model=args.model)
+        form = ("a LoRA" if read_header(written).method == "lora"
+                else "a dense weight difference per layer (SaRA's layout holding every changed entry; exact)")
     else:
-        written = from_kohya(source, args.output, model=args.model)
-    print(f"wrote {written}")
+        written, form = from_kohya(source, args.output, model=args.model), "a LoRA"
+    print(f"wrote {written} as {form}")
     return 0
 
 
@@ -302,11 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("convert", help="write an artifact in another tool's layout")
     p.add_argument("file")
-    p.add_argument("--to", required=True, choices=["diffusers", "kohya", "peft"],
-                   help="diffusers: a kohya/A1111 LoRA file into ours (diffusers keys + studio header); "
-                        "kohya: our LoRA with kohya/A1111 keys; peft: a PEFT adapter folder (LoRA, OFT, BOFT)")
+    p.add_argument("--to", required=True, choices=["diffusers", "kohya", "peft", "lycoris"],
+                   help="diffusers: a kohya/A1111 LoRA or LyCORIS file into ours (diffusers keys + studio header); "
+                        "kohya: our LoRA with kohya/A1111 keys; peft: a PEFT adapter folder (LoRA, OFT, BOFT; exact or "
+                        "refused); lycoris: the LyCORIS file AUTOMATIC1111/ComfyUI read (LoRA as LoCon, others as exact "
+                        "full weight differences)")
     p.add_argument("--output", required=True)
-    p.add_argument("--model", default=TOY_MODEL, help="--to diffusers: the base model the kohya file was made for")
+    p.add_argument("--model", default=TOY_MODEL,
+                   help="the base model the file was made for: --to diffusers (to find its layers) and --to lycoris "
+                        "(OFT/BOFT/SaRA differences need its weights)")
     p.set_defaults(func=cmd_convert)
 
     p = commands.add_parser("serve", help="the web app: train, compose and sample in the browser")
