@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from studio.errors import StudioError
 from studio.pipeline import check_safetensors
+from studio.targets import file_module_name, model_module_name
 
 METHOD_KEY = "studio.method"
 VERSION_KEY = "studio.version"
@@ -66,12 +67,12 @@ def fingerprint(model: torch.nn.Module, module_names: list[str]) -> dict:
     modules = dict(model.named_modules())
     layers = {}
     for name in module_names:
-        module = modules.get(name)
+        module = modules.get(model_module_name(model, name))  # the names as files write them (see file_module_name)
         # Look through adapter wrappers (ours and PEFT's keep the original as `base_layer`).
         while module is not None and not hasattr(module, "weight") and hasattr(module, "base_layer"):
             module = module.base_layer
         weight = getattr(module, "weight", None)
-        layers[name] = list(weight.shape) if weight is not None else None
+        layers[file_module_name(model, name)] = list(weight.shape) if weight is not None else None
     return {"model": type(model).__name__, "layers": layers}
 
 

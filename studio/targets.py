@@ -84,3 +84,36 @@ def wrap_targets(model: nn.Module, patterns: list[str], make_layer) -> list[str]
     for name in names:
         replace_module(model, name, make_layer(model.get_submodule(name)))
     return names
+
+
+def file_module_name(model: nn.Module, name: str) -> str:
+    """The name a file gives module `name` of `model`: its own name, except in a CLIP text model that
+    transformers 5 flattened (`encoder.layers.0...`), where files keep the `text_model.` prefix that
+    CLIPTextModelWithProjection, older transformers, diffusers' and kohya's LoRA files all use.
+
+    Example:
+        >>> from transformers import CLIPTextConfig, CLIPTextModel
+        >>> te = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2))
+        >>> file_module_name(te, "encoder.layers.0.self_attn.q_proj")
+        'text_model.encoder.layers.0.self_attn.q_proj'
+    """
+    if _flattened_clip_text(model) and not name.startswith("text_model."):
+        return "text_model." + name
+    return name
+
+
+def model_module_name(model: nn.Module, name: str) -> str:
+    """The inverse of `file_module_name`: a name as files write it -> the module's name in `model`.
+
+    Example:
+        >>> model_module_name(torch.nn.Sequential(torch.nn.Linear(2, 2)), "0")
+        '0'
+    """
+    if _flattened_clip_text(model) and name.startswith("text_model."):
+        return name[len("text_model."):]
+    return name
+
+
+def _flattened_clip_text(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) == "clip_text_model" and not hasattr(model, "text_model")
