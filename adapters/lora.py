@@ -5,6 +5,11 @@ the targets and write the state dict with diffusers' keys
 (`unet.<module>.lora_A.weight`) and its `lora_adapter_metadata` header entry,
 so stock `pipe.load_lora_weights(file)` accepts our file.
 
+With `studio train --train-text-encoder` the text encoder(s) get LoRA too, on
+CLIP's attention projections (`TEXT_ENCODER_TARGETS`) with the UNet's rank,
+alpha and dropout, saved beside the UNet's under diffusers' prefixes
+`text_encoder.` and, on SDXL, `text_encoder_2.` (`COMPONENTS`).
+
 Example:
     >>> from studio.testing import tiny_sd_pipeline
     >>> unet = tiny_sd_pipeline().unet
@@ -21,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from studio.targets import ATTENTION_PROJECTIONS, find_targets
+from studio.targets import ATTENTION_PROJECTIONS, file_module_name, find_targets
 
 ADAPTER_NAME = "studio"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -41,6 +46,11 @@ A_PARAM = "lora_A.weight"
 B_PARAM = "lora_B.weight"
 PARAMS = (A_PARAM, B_PARAM)
 KEY_PREFIX = "unet."
+# The pipeline parts a LoRA file may change; each part's tensors are keyed "<component>.<module>.<param>".
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+# CLIP's attention projections: the text-encoder targets of diffusers' train_dreambooth_lora and of kohya's sd-scripts.
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def transform(weight: torch.Tensor, params: dict[str, torch.Tensor], scale: float = 1.0, config: dict | None = None) -> torch.Tensor:
@@ -81,23 +91,80 @@ def inject(model: nn.Module, config: LoRAConfig) -> list[str]:
     return names
 
 
-def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA tensors with diffusers' keys, e.g. `unet.down_blocks.0...to_q.lora_A.weight`."""
+def text_encoder_config(config: LoRAConfig) -> LoRAConfig:
+    """The text encoders' LoRA: the UNet's rank, alpha and dropout on `TEXT_ENCODER_TARGETS`.
+
+    Example:
+        >>> text_encoder_config(LoRAConfig(rank=8)).target_modules
+        ['q_proj', 'k_proj', 'v_proj', 'out_proj']
+    """
+    return LoRAConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout,
+                      target_modules=list(TEXT_ENCODER_TARGETS))
+
+
+def inject_text_encoder(text_encoder: nn.Module, config: LoRAConfig) -> list[str]:
+    """Add trainable LoRA layers to a CLIP text encoder's attention projections, freeze the rest; return the targets.
+
+    PEFT's `inject_adapter_in_model` directly (what diffusers' `add_adapter` calls for the UNet): transformers'
+    own `add_adapter` would ask for a newer PEFT than diffusers needs.
+
+    Example:
+        >>> from studio.testing import tiny_sd_pipeline
+        >>> inject_text_encoder(tiny_sd_pipeline().text_encoder, LoRAConfig(rank=2))[0]
+        'encoder.layers.0.self_attn.k_proj'
+    """
+    from peft import inject_adapter_in_model
+
+    te_config = text_encoder_config(config)
+    text_encoder.requires_grad_(False)
+    names = find_targets(text_encoder, te_config.target_modules)
+    inject_adapter_in_model(peft_config(te_config), text_encoder, adapter_name=ADAPTER_NAME)
+    return names
+
+
+def state_dict(model: nn.Module, component: str = "unet") -> dict[str, torch.Tensor]:
+    """The LoRA tensors of `model`, the pipeline's `component`, with diffusers' keys, e.g.
+    `unet.down_blocks.0...to_q.lora_A.weight` or `text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight`.
+
+    Example:
+        >>> from studio.testing import tiny_sd_pipeline
+        >>> te = tiny_sd_pipeline().text_encoder
+        >>> _ = inject_text_encoder(te, LoRAConfig(rank=2))
+        >>> sorted(state_dict(te, "text_encoder"))[0]
+        'text_encoder.text_model.encoder.layers.0.self_attn.k_proj.lora_A.weight'
+    """
     from peft.utils import get_peft_model_state_dict
 
     tensors = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
-    return {f"{KEY_PREFIX}{key}": value.detach().clone() for key, value in tensors.items()}
+    out = {}
+    for key, value in tensors.items():
+        param = next(p for p in PARAMS if key.endswith("." + p))
+        module = file_module_name(model, key[: -len(param) - 1])
+        out[f"{component}.{module}.{param}"] = value.detach().clone()
+    return out
 
 
-def file_metadata(config: LoRAConfig, prefix: str = "unet") -> dict[str, str]:
-    """The `lora_adapter_metadata` header entry diffusers reads to rebuild the LoraConfig."""
-    kwargs = {
-        "r": config.rank,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
-        "target_modules": sorted(config.target_modules),
-    }
-    return {LORA_METADATA_KEY: json.dumps({f"{prefix}.{k}": v for k, v in kwargs.items()}, sort_keys=True)}
+def file_metadata(config: LoRAConfig, prefix: str = "unet", text_encoders: tuple[str, ...] = (),
+                  text_encoder_targets: list[str] | None = None) -> dict[str, str]:
+    """The `lora_adapter_metadata` header entry diffusers reads to rebuild the LoraConfig of the UNet
+    (`prefix`) and of each of `text_encoders` ("text_encoder", "text_encoder_2"); those have the UNet's
+    rank, alpha and dropout on `text_encoder_targets` (default `TEXT_ENCODER_TARGETS`).
+
+    Example:
+        >>> meta = json.loads(file_metadata(LoRAConfig(rank=2), text_encoders=("text_encoder",))[LORA_METADATA_KEY])
+        >>> meta["unet.r"], meta["text_encoder.target_modules"]
+        (2, ['k_proj', 'out_proj', 'q_proj', 'v_proj'])
+    """
+    def kwargs(c: LoRAConfig) -> dict:
+        return {"r": c.rank, "lora_alpha": c.alpha, "lora_dropout": c.dropout, "target_modules": sorted(c.target_modules)}
+
+    metadata = {f"{prefix}.{k}": v for k, v in kwargs(config).items()}
+    te_config = text_encoder_config(config)
+    if text_encoder_targets is not None:
+        te_config.target_modules = list(text_encoder_targets)
+    for component in text_encoders:
+        metadata.update({f"{component}.{k}": v for k, v in kwargs(te_config).items()})
+    return {LORA_METADATA_KEY: json.dumps(metadata, sort_keys=True)}
 
 
 def peft_adapter_config(config: dict) -> dict:
