@@ -5,6 +5,10 @@ latents and text embeddings once, let the method wrap its layers, then a plain
 loop of noise -> predict -> loss -> step, with checkpoints, validation samples
 and the artifact written at the end.
 
+With `train_text_encoder` (LoRA only) the method also wraps the text
+encoder(s), and the captions go through them at every step (`LiveText`): the
+cached text embeddings are those of the frozen encoder, so they are not used.
+
 Every random choice of step k (which examples, which noise, which timesteps,
 caption dropout, adapter dropout) is drawn from generators seeded with
 (seed, k, process), so a run stopped at step k and resumed from its
@@ -73,6 +77,8 @@ class TrainConfig:
     prior_data: str = ""  # prior preservation (DreamBooth): a second dataset the model must keep drawing
     prior_loss_weight: float = 1.0
     cache_dir: str | None = None  # encoded latents and captions, reused across runs; default <output_dir>/cache
+    train_text_encoder: bool = False  # LoRA on the text encoder(s) too (both on SDXL); captions encoded every step
+    text_encoder_lr: float | None = None  # the text encoders' learning rate; default: learning_rate
     method_options: dict = field(default_factory=dict)
 
 
@@ -156,8 +162,81 @@ def cache_examples(pipe, data: Dataset, cache_dir: Path | None = None, model: st
         partial.replace(path)
     return Cached(data, latents, text, pooled)
 
-def batch_loss(unet, cached: Cached, config: TrainConfig, noise_scheduler, rng, generator, device) -> torch.Tensor:
-    """The denoising loss of one batch drawn from a cached dataset."""
+class LiveText:
+    """Captions -> the UNet's text conditioning through the (trainable) text encoder(s), with gradients,
+    computed as `pipe.encode_prompt` does: SD's last hidden state (with the attention mask where the
+    encoder's config asks for one); on SDXL both encoders' penultimate hidden states side by side, and
+    the pooled projection of the encoder that has one.
+
+    Example:
+        >>> from studio.testing import tiny_sd_pipeline
+        >>> pipe = tiny_sd_pipeline()
+        >>> text, pooled = LiveText(pipe, [pipe.text_encoder])(["a red sks"], "cpu")
+        >>> tuple(text.shape), pooled
+        ((1, 32, 32), None)
+    """
+
+    def __init__(self, pipe, text_encoders: list[torch.nn.Module]) -> None:
+        # `text_encoders`: the pipeline's text encoders in order, as accelerate prepared them (maybe wrapped).
+        tokenizers = [pipe.tokenizer, getattr(pipe, "tokenizer_2", None)]
+        configs = [getattr(pipe, name).config for name in text_encoder_names(pipe)]
+        self.parts = list(zip(tokenizers, text_encoders, configs))
+        self.sdxl = "text_encoder_2" in pipe.components
+
+    def __call__(self, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden, pooled = [], None
+        for tokenizer, text_encoder, config in self.parts:
+            tokens = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                               return_tensors="pt")
+            ids = tokens.input_ids.to(device)
+            if not self.sdxl:
+                mask = tokens.attention_mask.to(device) if getattr(config, "use_attention_mask", False) else None
+                return text_encoder(ids, attention_mask=mask)[0].float(), None
+            out = text_encoder(ids, output_hidden_states=True)
+            if pooled is None and out[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds
+                pooled = out[0].float()
+            hidden.append(out.hidden_states[-2].float())
+        return torch.cat(hidden, dim=-1), pooled
+
+
+def text_encoder_names(pipe) -> list[str]:
+    """The pipeline's text encoders by component name: ["text_encoder"], or two on SDXL.
+
+    Example:
+        >>> from studio.testing import tiny_sdxl_pipeline
+        >>> text_encoder_names(tiny_sdxl_pipeline())
+        ['text_encoder', 'text_encoder_2']
+    """
+    return [name for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None]
+
+
+def check_text_encoder_options(config: TrainConfig, adapter) -> None:
+    """Refuse `text_encoder_lr` that is not > 0 or without `train_text_encoder`, and `train_text_encoder`
+    for a method that has no text-encoder part (only LoRA has one).
+
+    Example:
+        >>> from studio.adapters import lora
+        >>> check_text_encoder_options(TrainConfig(train_text_encoder=True, text_encoder_lr=5e-5), lora)
+    """
+    lr = config.text_encoder_lr
+    if lr is not None:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise StudioError(f"--text-encoder-lr must be a number > 0 (got {lr!r}); leave it out to use --learning-rate")
+        if not config.train_text_encoder:
+            raise StudioError(f"--text-encoder-lr {lr} is set but the text encoder is not trained: "
+                              "add --train-text-encoder, or drop --text-encoder-lr")
+    if config.train_text_encoder and not hasattr(adapter, "inject_text_encoder"):
+        raise StudioError(
+            f"--train-text-encoder works with --method lora only: {config.method} changes UNet layers only "
+            "(its files, studio.plugin and diffusers' loaders have no text-encoder part for it); "
+            "drop --train-text-encoder or use --method lora"
+        )
+
+
+def batch_loss(unet, cached: Cached, config: TrainConfig, noise_scheduler, rng, generator, device,
+               live_text: LiveText | None = None) -> torch.Tensor:
+    """The denoising loss of one batch drawn from a cached dataset; with `live_text`, the captions
+    go through the text encoder(s) instead of coming from the cache."""
     from diffusers.training_utils import compute_snr
 
     batch = bucket_batches(cached.data.buckets, config.train_batch_size, rng)[0]
@@ -165,11 +244,15 @@ def batch_loss(unet, cached: Cached, config: TrainConfig, noise_scheduler, rng, 
     std = torch.stack([cached.latents[i][1] for i in batch])
     sample = mean + std * torch.randn(mean.shape, generator=generator)
     captions = [cached.data.examples[i].caption if rng.random() >= config.caption_dropout else "" for i in batch]
-    text = torch.stack([cached.text[c] for c in captions])
+    if live_text is None:
+        text = torch.stack([cached.text[c] for c in captions])
+        pooled = torch.stack([cached.pooled[c] for c in captions]) if cached.pooled else None
+    else:
+        text, pooled = live_text(captions, device)
     added = None
-    if cached.pooled:  # SDXL: pooled text and (original size, crop top-left, target size) ids
+    if pooled is not None:  # SDXL: pooled text and (original size, crop top-left, target size) ids
         width, height = cached.data.buckets[batch[0]]
-        added = {"text_embeds": torch.stack([cached.pooled[c] for c in captions]).to(device),
+        added = {"text_embeds": pooled.to(device),
                  "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * len(batch), dtype=torch.float32).to(device)}
     noise = torch.randn(sample.shape, generator=generator)
     if config.noise_offset:
@@ -193,11 +276,12 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
     """Train `config.method` on `config.data` and write `<output_dir>/<method>.safetensors`."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
     from diffusers import DDPMScheduler
     method = registry.get(config.method)
     trainer = method.trainer
     adapter = method.adapter
+    check_text_encoder_options(config, adapter)
     method_config = method_config or trainer.default_config(config.method_options)
     output_dir = Path(config.output_dir)
     if not config.data:
@@ -210,6 +294,8 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # SDXL's first text encoder is read at its penultimate layer: its last layer's LoRA gets no gradient.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if config.train_text_encoder else None,
     )
     torch.manual_seed(config.seed)
 
@@ -226,16 +312,29 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
         cached.append(cache_examples(pipe, prior, cache_dir, config.model))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    # 2. The method wraps its layers; only its parameters train.
+    # 2. The method wraps its layers; only its parameters train. With train_text_encoder, the text
+    # encoders' too, at their own learning rate, in train mode (their gradient checkpointing needs it).
     unet = pipe.unet
     names = adapter.inject(unet, method_config)
     base_fingerprint = fingerprint(unet, names)
+    te_names = text_encoder_names(pipe) if config.train_text_encoder else []
+    text_encoders = [getattr(pipe, name) for name in te_names]
+    for name, text_encoder in zip(te_names, text_encoders):
+        base_fingerprint[name] = fingerprint(text_encoder, adapter.inject_text_encoder(text_encoder, method_config))
+        text_encoder.train()
+        if config.gradient_checkpointing:
+            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=trainer.WEIGHT_DECAY)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    te_params = [p for text_encoder in text_encoders for p in text_encoder.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params + te_params)
+    groups = [{"params": params}]
+    if te_params:
+        groups.append({"params": te_params, "lr": config.text_encoder_lr or config.learning_rate})
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=trainer.WEIGHT_DECAY)
+    unet, *text_encoders, optimizer = accelerator.prepare(unet, *text_encoders, optimizer)
+    live_text = LiveText(pipe, text_encoders) if text_encoders else None
 
     start_step = 0
     if config.resume:
@@ -260,12 +359,12 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
             rng, generator = _step_generators(config.seed, step, accelerator.process_index)
             torch.manual_seed(int(rng.integers(2**31)))  # adapter dropout and the like
             device = accelerator.device
-            with accelerator.accumulate(unet):
+            with accelerator.accumulate(unet, *text_encoders):
                 # The data's loss, plus the prior set's (same batch size) weighted by prior_loss_weight.
                 loss = 0.0
                 for which, part in enumerate(cached):
                     weight = config.prior_loss_weight if which else 1.0
-                    loss = loss + weight * batch_loss(unet, part, config, noise_scheduler, rng, generator, device)
+                    loss = loss + weight * batch_loss(unet, part, config, noise_scheduler, rng, generator, device, live_text)
                 if hasattr(trainer, "extra_loss"):  # a method's own term, e.g. SaRA's nuclear norm
                     loss = loss + trainer.extra_loss(accelerator.unwrap_model(unet), method_config, rng)
                 accelerator.backward(loss)
@@ -304,10 +403,13 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
     artifact = output_dir / f"{config.method}.safetensors"
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(unet)
-        save_artifact(
-            artifact, adapter.state_dict(model), config.method, asdict(method_config), base_fingerprint,
-            extra_metadata=adapter.file_metadata(method_config),
-        )
+        tensors = adapter.state_dict(model)
+        metadata = adapter.file_metadata(method_config)
+        if te_names:
+            for name, text_encoder in zip(te_names, text_encoders):
+                tensors.update(adapter.state_dict(accelerator.unwrap_model(text_encoder), name))
+            metadata = adapter.file_metadata(method_config, text_encoders=tuple(te_names))
+        save_artifact(artifact, tensors, config.method, asdict(method_config), base_fingerprint, extra_metadata=metadata)
         (output_dir / "summary.json").write_text(json.dumps(
             {"steps": config.max_train_steps, "processes": accelerator.num_processes, "trainable_params": trainable,
              "final_loss": loss_value,
@@ -346,12 +448,15 @@ class _StopRequest:
 def _validate(pipe, config: TrainConfig, step: int, output_dir: Path, accelerator) -> None:
     if not accelerator.is_main_process:
         return
-    was_training = pipe.unet.training
-    pipe.unet.eval()
+    models = [pipe.unet] + [getattr(pipe, name) for name in text_encoder_names(pipe)]
+    was_training = [model.training for model in models]
+    for model in models:
+        model.eval()
     images = pipe(config.validation_prompt, num_inference_steps=20, num_images_per_prompt=4,
                   generator=torch.Generator().manual_seed(config.seed)).images
     folder = output_dir / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         image.save(folder / f"{i}.png")
-    pipe.unet.train(was_training)
+    for model, mode in zip(models, was_training):
+        model.train(mode)
