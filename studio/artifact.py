@@ -7,6 +7,9 @@ Header metadata (safetensors metadata is str -> str):
 - `studio.config`       the method's config, as JSON
 - `studio.fingerprint`  the base model it was made on, as JSON: the model class
                         and the shape of every layer the artifact touches
+- `studio.trigger_words` (optional) the words of its training captions that the
+                        toy vocabulary lacks ("sks"), as a JSON list, so the toy
+                        model's unknown-word warning leaves them out
 
 `studio.plugin` reads the header to know what a file holds, and
 `check_fingerprint` refuses a file made on another base model, naming the
@@ -37,6 +40,7 @@ METHOD_KEY = "studio.method"
 VERSION_KEY = "studio.version"
 CONFIG_KEY = "studio.config"
 FINGERPRINT_KEY = "studio.fingerprint"
+TRIGGER_WORDS_KEY = "studio.trigger_words"  # caption words the toy vocabulary lacks ("sks"), as JSON
 
 
 def studio_version() -> str:
@@ -55,6 +59,7 @@ class ArtifactHeader:
     config: dict
     fingerprint: dict
     extra: dict = field(default_factory=dict)
+    trigger_words: list[str] = field(default_factory=list)
 
 
 def fingerprint(model: torch.nn.Module, module_names: list[str]) -> dict:
@@ -144,10 +149,13 @@ def read_header(path: str | Path) -> ArtifactHeader:
     try:
         config = json.loads(metadata.get(CONFIG_KEY, "{}"))
         base = json.loads(metadata.get(FINGERPRINT_KEY, "{}"))
+        trigger_words = json.loads(metadata.get(TRIGGER_WORDS_KEY, "[]"))
     except json.JSONDecodeError as err:
         raise StudioError(f"{path} has a corrupt studio header ({err})") from None
+    if not isinstance(trigger_words, list) or not all(isinstance(w, str) for w in trigger_words):
+        raise StudioError(f"{path} has a corrupt studio header ({TRIGGER_WORDS_KEY} is not a list of words)")
     extra = {k: v for k, v in metadata.items() if not k.startswith("studio.")}
-    return ArtifactHeader(metadata[METHOD_KEY], metadata.get(VERSION_KEY, "?"), config, base, extra)
+    return ArtifactHeader(metadata[METHOD_KEY], metadata.get(VERSION_KEY, "?"), config, base, extra, trigger_words)
 
 
 def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], ArtifactHeader]:

@@ -55,6 +55,21 @@ def parse_adapter_arg(spec: str) -> tuple[Path, float]:
     return path, 1.0
 
 
+def warn_toy_vocabulary(prompts: list[str], artifacts: list[Path]) -> None:
+    """Tell (on stderr, not failing) which prompt words the toy model ignores; artifacts' trigger words are fine.
+
+    Example:
+        >>> warn_toy_vocabulary(["a photo of a red circle"], [])  # doctest: +SKIP
+        warning: ignored by the toy model: photo, of (in 'a photo of a red circle')
+    """
+    from studio.artifact import read_header
+    from studio.toy.vocabulary import prompt_warnings
+
+    allowed = [w for path in artifacts for w in read_header(path).trigger_words]
+    for line in prompt_warnings(prompts, allowed):
+        print(f"warning: {line}", file=sys.stderr)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from studio import plugin
     from studio.sample import SampleSettings, read_prompts_file, sample
@@ -76,6 +91,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     )
     SampleSettings(prompts=prompts, seeds=args.seed, **settings).validate()  # before the (slow) model load
     adapters = [parse_adapter_arg(spec) for spec in args.adapter]
+    if args.model == TOY_MODEL:
+        warn_toy_vocabulary(prompts + [args.negative_prompt or ""], [p for p, _ in adapters])
     pipe = load_model(args)
     for path, scale in adapters:
         plugin.apply(pipe, path, scale)
@@ -91,7 +108,10 @@ def cmd_toy_pretrain(args: argparse.Namespace) -> int:
     config = PretrainConfig(seed=args.seed)
     if args.unet_steps is not None:
         config.unet_steps = args.unet_steps
-    timings = pretrain(args.output_model, args.output_evaluator, args.work_dir, config, restart=args.restart)
+    if args.phrasing_steps is not None:
+        config.phrasing_steps = args.phrasing_steps
+    timings = pretrain(args.output_model, args.output_evaluator, args.work_dir, config, restart=args.restart,
+                       reuse_model=args.reuse_model)
     print(json.dumps({"seconds": timings}))
     return 0
 
@@ -101,7 +121,7 @@ def cmd_toy_report(args: argparse.Namespace) -> int:
 
     pipe = load_model(args)
     result = report(
-        pipe, n_images=args.images, n_heldout=args.heldout_images, steps=args.steps,
+        pipe, n_images=args.images, n_heldout=args.heldout_images, n_paraphrase=args.paraphrase_images, steps=args.steps,
         guidance_scale=args.guidance_scale, seed=args.seed, progress=not args.json,
     )
     return print_result(result, args)
@@ -364,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = toy.add_parser("pretrain", help="rebuild the toy model and evaluator from scratch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--unet-steps", type=int, default=None, help="override the UNet step count (fewer = faster, worse)")
+    p.add_argument("--phrasing-steps", type=int, default=None, help="override the v2 text encoder's distillation step count")
+    p.add_argument("--reuse-model", default=None, help="take stages 2-6 from this v1 toy model folder (its evaluator in "
+                   "--output-evaluator) and run only the v2 text encoder stage")
     p.add_argument("--work-dir", default=".cache/toy-pretrain", help="stage outputs; finished stages are reused")
     p.add_argument("--restart", action="store_true", help="discard finished stages in --work-dir")
     p.add_argument("--output-model", default="assets/toy-model")
@@ -374,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--images", type=int, default=200, help="seen-shape prompts to sample")
     p.add_argument("--heldout-images", type=int, default=40, help="star/heart prompts to sample")
+    p.add_argument("--paraphrase-images", type=int, default=100,
+                   help="prompts to sample in each of the paraphrase and distractor sets (0: neither)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)

@@ -9,10 +9,13 @@ one stage (`--restart` clears it):
 4. vae        a small `AutoencoderKL` (32 px -> 16x16x4 latents)
 5. evaluator  the attribute classifier, on renders of every shape and their VAE round trips
 6. unet       a `UNet2DConditionModel` on cached latents, 10% caption dropout, EMA
+7. phrasing   toy model v2's tokenizer (English sub-words, 77 tokens) and text encoder, distilled so
+              that any phrasing of a caption (fillers, word order, case) makes the frozen UNet predict
+              what the stage-3 text encoder's v1 caption makes it predict (`studio.toy.phrasing`)
 
 Then the pipeline is assembled in diffusers layout (`assets/toy-model`) and the
 evaluator copied to `assets/toy-evaluator`. Held-out shapes (star, heart) never
-reach stages 2-4 or 6.
+reach stages 2-4, 6 or 7, and the held-out filler words never reach stage 7.
 
 Example:
     >>> from studio.toy.pretrain import PretrainConfig
@@ -34,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from studio.errors import StudioError
+
 from studio.toy.captions import random_caption
 from studio.toy.evaluator import ATTRIBUTES, ShapesEvaluator
 from studio.toy.render import (
@@ -49,7 +54,8 @@ from studio.toy.render import (
 )
 
 RESOLUTION = 32
-MAX_TOKENS = 32
+MAX_TOKENS = 32  # the v1 text encoder's context (stages 2-6)
+MAX_TOKENS_V2 = 77  # the shipped text encoder's: room for filler words, as in Stable Diffusion
 TEXT_DIM = 128
 
 
@@ -73,6 +79,12 @@ class PretrainConfig:
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
     check_every: int = 1000
+    phrasing_vocab: int = 4096
+    phrasing_steps: int = 1200
+    phrasing_batch: int = 64
+    phrasing_bank: int = 8192
+    phrasing_lr: float = 5e-4
+    phrasing_check_every: int = 300
 
 
 # ----------------------------------------------------------------------------- data
@@ -128,7 +140,7 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_sha
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def train_tokenizer(captions: list[str], folder: Path):
+def train_tokenizer(captions: list[str], folder: Path, vocab_size: int = 2000, max_length: int = MAX_TOKENS):
     """Byte-level BPE with CLIP's normalizer and pre-tokenizer, saved as a `CLIPTokenizer`.
 
     Every byte symbol and its end-of-word form is in the vocab, so unseen words
@@ -149,7 +161,7 @@ def train_tokenizer(captions: list[str], folder: Path):
         ]
     )
     trainer = trainers.BpeTrainer(
-        vocab_size=2000,
+        vocab_size=vocab_size,
         min_frequency=2,
         special_tokens=[],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -166,14 +178,14 @@ def train_tokenizer(captions: list[str], folder: Path):
         vocab.setdefault(symbol, len(vocab))
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab.setdefault(special, len(vocab))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
     tokenizer.save_pretrained(folder)
     return CLIPTokenizer.from_pretrained(folder)
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     return tokenizer(
-        captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
 
 
@@ -480,6 +492,162 @@ def train_unet(cfg: PretrainConfig, data: dict, tokenizer, text_encoder, vae, ev
     return unet
 
 
+# ----------------------------------------------------------------------------- phrasing (toy model v2)
+
+
+def phrasing_corpus(specs: list, n: int, seed: int) -> list[str]:
+    """Captions for the v2 tokenizer: v1 captions, free phrasings of them, and every training filler."""
+    from studio.toy.phrasing import caption_pair
+    from studio.toy.vocabulary import PROMPT_PHRASES, filler_words
+
+    rng = np.random.default_rng(seed)
+    corpus = [text for i in range(n) for text in caption_pair(specs[i % len(specs)], rng)]
+    # Each training filler a few times, so the BPE can afford whole common words.
+    return corpus + list(filler_words()[0]) * 3 + list(PROMPT_PHRASES) * 3
+
+
+def widen_text_encoder(text_encoder, old_tokenizer, new_tokenizer, max_positions: int):
+    """A copy of `text_encoder` for `new_tokenizer`'s vocabulary and `max_positions` tokens.
+
+    Tokens both vocabularies have keep their embedding; new ones start at the
+    mean embedding. Positions past the old context repeat the last old one.
+    """
+    from transformers import CLIPTextModel
+
+    config = text_encoder.config.to_dict()
+    config.update(vocab_size=len(new_tokenizer), max_position_embeddings=max_positions,
+                  bos_token_id=new_tokenizer.bos_token_id, eos_token_id=new_tokenizer.eos_token_id,
+                  pad_token_id=new_tokenizer.pad_token_id)
+    student = CLIPTextModel(type(text_encoder.config)(**config))
+    state = {k: v for k, v in text_encoder.state_dict().items() if "embeddings" not in k}
+    student.load_state_dict(state, strict=False)
+    old_tokens = text_encoder.embeddings.token_embedding.weight.detach()
+    old_positions = text_encoder.embeddings.position_embedding.weight.detach()
+    old_vocab = old_tokenizer.get_vocab()
+    with torch.no_grad():
+        tokens = student.embeddings.token_embedding.weight
+        tokens.copy_(old_tokens.mean(0, keepdim=True) + 0.02 * torch.randn_like(tokens))
+        for token, index in new_tokenizer.get_vocab().items():
+            if token in old_vocab:
+                tokens[index] = old_tokens[old_vocab[token]]
+        positions = student.embeddings.position_embedding.weight
+        positions[: len(old_positions)] = old_positions
+        positions[len(old_positions):] = old_positions[-1]
+    return student
+
+
+def cross_attention_layers(unet) -> list:
+    """The UNet's cross-attention modules (`attn2`): the only place the text embedding enters."""
+    return [m for name, m in unet.named_modules() if name.endswith("attn2")]
+
+
+@torch.no_grad()
+def cross_attention_targets(unet, text_encoder, tokenizer, noisy, t, captions: list[str]) -> tuple[list, list]:
+    """Each `attn2`'s input (the image side) and output, in a UNet pass with the v1 embedding of `captions`."""
+    layers = cross_attention_layers(unet)
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.__setitem__(id(m), args[0])) for m in layers]
+    try:
+        embedding = encode_text(text_encoder, tokenizer, captions)
+        unet(noisy, t, embedding)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    inputs = [seen[id(m)] for m in layers]
+    outputs = [m(h, encoder_hidden_states=embedding) for m, h in zip(layers, inputs)]
+    return inputs, outputs
+
+
+def distill_phrasing(cfg: PretrainConfig, data: dict, tokenizer, text_encoder, vae, unet, evaluator, folder: Path):
+    """Train toy model v2's tokenizer and text encoder; the UNet, VAE and v1 text encoder stay frozen.
+
+    The text embedding reaches the UNet only through its cross-attention
+    layers, so the loss is theirs: for a v1 caption c and a free phrasing p of
+    it (`studio.toy.phrasing`), every `attn2` given the student's embedding of
+    p must give what it gives with the v1 embedding of c, for the image-side
+    inputs the UNet really produces (recorded from UNet passes on noisy
+    latents of the image c describes, at random timesteps, with c). Equal
+    cross-attention outputs at every layer mean an equal UNet output, and no
+    UNet pass is needed per step; the UNet, VAE and every adapter trained on
+    them stay valid.
+    """
+    from studio.toy.phrasing import caption_parts, rephrase
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 7)
+    new_tokenizer = train_tokenizer(phrasing_corpus(data["specs"], 20000, cfg.seed + 7), folder / "tokenizer",
+                                    vocab_size=cfg.phrasing_vocab, max_length=MAX_TOKENS_V2)
+    student = widen_text_encoder(text_encoder, tokenizer, new_tokenizer, MAX_TOKENS_V2).train()
+    unet.requires_grad_(False).eval()
+    text_encoder.requires_grad_(False).eval()
+    layers = cross_attention_layers(unet)
+
+    # The bank of recorded cross-attention inputs and outputs, one v1 caption per entry.
+    scheduler = make_train_scheduler()
+    specs = data["specs"]
+    idx = rng.integers(len(specs), size=cfg.phrasing_bank)
+    latent_mean, latent_std = cache_latents(vae, data["images"][idx])
+    latents = (latent_mean + latent_std * torch.randn_like(latent_mean)) * vae.config.scaling_factor
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),))
+    noisy = scheduler.add_noise(latents, torch.randn_like(latents), t)
+    parts = [caption_parts(specs[i], rng) for i in idx]
+    bank_inputs: list[list[torch.Tensor]] = [[] for _ in layers]
+    bank_outputs: list[list[torch.Tensor]] = [[] for _ in layers]
+    for start in tqdm(range(0, len(idx), 256), desc="record cross-attention", leave=False):
+        chunk = slice(start, start + 256)
+        inputs, outputs = cross_attention_targets(unet, text_encoder, tokenizer, noisy[chunk], t[chunk],
+                                                  [p.v1 for p in parts[chunk]])
+        for k in range(len(layers)):
+            bank_inputs[k].append(inputs[k])
+            bank_outputs[k].append(outputs[k])
+    bank_inputs = [torch.cat(x) for x in bank_inputs]
+    bank_outputs = [torch.cat(x) for x in bank_outputs]
+    variances = [o.var() for o in bank_outputs]
+
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.phrasing_lr, weight_decay=0.01)
+    schedule = warmup_cosine(optimizer, cfg.phrasing_steps)
+    bar = tqdm(range(cfg.phrasing_steps), desc="phrasing")
+    for step in bar:
+        pick = rng.integers(len(idx), size=cfg.phrasing_batch)
+        embedding = student(tokenize(new_tokenizer, [rephrase(parts[i], rng) for i in pick]))[0]
+        pick_t = torch.from_numpy(pick)
+        loss = sum(
+            F.mse_loss(layer(bank_inputs[k][pick_t], encoder_hidden_states=embedding), bank_outputs[k][pick_t])
+            / variances[k]
+            for k, layer in enumerate(layers)
+        ) / len(layers)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.5f}")
+        if cfg.phrasing_check_every and (step + 1) % cfg.phrasing_check_every == 0:
+            student.eval()
+            scores = phrasing_check(unet, vae, new_tokenizer, student, evaluator, seed=cfg.seed)
+            tqdm.write(f"step {step + 1}: loss {loss.item():.5f} {json.dumps(scores)}")
+            student.train()
+    student.eval()
+    student.save_pretrained(folder / "text_encoder")
+    return new_tokenizer, student
+
+
+@torch.no_grad()
+def phrasing_check(unet, vae, tokenizer, text_encoder, evaluator, seed: int, n: int = 48) -> dict:
+    """Shape and colour accuracy on free phrasings with *training* fillers (the held-out ones are for the report)."""
+    from studio.eval import score
+    from studio.toy.phrasing import PARAPHRASE_TEMPLATES, template_prompts
+    from studio.toy.vocabulary import filler_words
+
+    pipe = assemble_pipeline(tokenizer, text_encoder, None, vae, unet)
+    pipe.set_progress_bar_config(disable=True)
+    prompts, expected = template_prompts(n, seed + 98, PARAPHRASE_TEMPLATES, filler_words()[0])
+    images = pipe(prompts, num_inference_steps=20, guidance_scale=5.0, output_type="pt",
+                  generator=torch.Generator().manual_seed(seed)).images
+    accuracy = score(images, expected, evaluator).accuracy()
+    return {k: round(accuracy[k], 3) for k in ("shape", "color")}
+
+
 def sample_scheduler():
     from diffusers import DPMSolverMultistepScheduler
 
@@ -521,28 +689,69 @@ def quick_check(unet, vae, tokenizer, text_encoder, evaluator, seed: int, n: int
 # ----------------------------------------------------------------------------- driver
 
 
+def stages_from_model(model: Path, evaluator: Path, work: Path) -> None:
+    """Lay out a finished toy model's parts as the work folder's stages 2-6 (stage 7 is left to run).
+
+    The mini-CLIP is put back together from the text and vision towers; its
+    text projection, unused by every later stage, is left at its initial value.
+    """
+    from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPVisionModelWithProjection
+
+    if not (model / "unet" / "config.json").exists() or not (evaluator / "model.safetensors").exists():
+        raise StudioError(f"--reuse-model {model}: expected a toy model folder (unet/, text_encoder/, ...) "
+                          f"and its evaluator in {evaluator}")
+    text = CLIPTextModel.from_pretrained(model / "text_encoder")
+    vision = CLIPVisionModelWithProjection.from_pretrained(model / "image_encoder")
+    if text.config.max_position_embeddings != MAX_TOKENS:
+        raise StudioError(f"--reuse-model {model}: its text encoder is already a v2 one "
+                          f"({text.config.max_position_embeddings} tokens); give a v1 model")
+    clip = CLIPModel(CLIPConfig(text_config=text.config.to_dict(), vision_config=vision.config.to_dict(),
+                                projection_dim=TEXT_DIM))
+    clip.text_model.load_state_dict(text.state_dict())
+    clip.vision_model.load_state_dict(vision.vision_model.state_dict())
+    clip.visual_projection.load_state_dict(vision.visual_projection.state_dict())
+    for name in ("tokenizer", "clip", "vae", "evaluator", "unet"):
+        if (work / name).exists():
+            shutil.rmtree(work / name)
+    shutil.copytree(model / "tokenizer", work / "tokenizer")
+    clip.save_pretrained(work / "clip")
+    shutil.copytree(model / "vae", work / "vae")
+    shutil.copytree(model / "unet", work / "unet")
+    shutil.copytree(evaluator, work / "evaluator")
+    earlier = json.loads((model / "pretrain.json").read_text())["stage_seconds"] if (model / "pretrain.json").exists() else {}
+    for name, seconds in earlier.items():
+        if name in ("tokenizer", "clip", "vae", "evaluator", "unet"):
+            (work / f"{name}.seconds").write_text(str(seconds))
+
+
 def pretrain(
     output_model: str | Path = "assets/toy-model",
     output_evaluator: str | Path = "assets/toy-evaluator",
     work_dir: str | Path = ".cache/toy-pretrain",
     config: PretrainConfig | None = None,
     restart: bool = False,
+    reuse_model: str | Path | None = None,
 ) -> dict:
     """Run every stage (skipping those already finished in `work_dir`) and write the assets.
 
+    `reuse_model` takes stages 2-6 from an existing toy model folder (a v1
+    model, with its evaluator beside it in `output_evaluator`) instead of
+    training them: it upgrades a v1 model to v2 by running stage 7 alone.
     Returns the wall time of each stage in seconds.
 
     Example:
         >>> pretrain(work_dir="/tmp/tp", config=PretrainConfig(unet_steps=10))  # doctest: +SKIP
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPModel, CLIPTokenizer
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
     cfg = config or PretrainConfig()
     work = Path(work_dir)
     if restart and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
+    if reuse_model is not None:
+        stages_from_model(Path(reuse_model), Path(output_evaluator), work)
     if (work / "config.json").exists():
         earlier = json.loads((work / "config.json").read_text())
         changed = sorted(k for k, v in asdict(cfg).items() if earlier.get(k) != v)
@@ -591,7 +800,15 @@ def pretrain(
         lambda f: train_unet(cfg, train_data, tokenizer, text_encoder, vae, evaluator, f),
     )
 
-    pipe = assemble_pipeline(tokenizer, text_encoder, vision_encoder, vae, unet)
+    def load_phrasing(folder):
+        return CLIPTokenizer.from_pretrained(folder / "tokenizer"), CLIPTextModel.from_pretrained(folder / "text_encoder")
+
+    tokenizer_v2, text_encoder_v2 = stage(
+        "phrasing", "text_encoder/config.json", load_phrasing,
+        lambda f: distill_phrasing(cfg, train_data, tokenizer, text_encoder, vae, unet, evaluator, f),
+    )
+
+    pipe = assemble_pipeline(tokenizer_v2, text_encoder_v2.eval(), vision_encoder, vae, unet)
     if Path(output_model).exists():
         shutil.rmtree(output_model)
     pipe.save_pretrained(output_model)

@@ -1,0 +1,142 @@
+"""The toy vocabulary, the filler-word split, free phrasings and the unknown-word warning."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from studio.cli import main
+from studio.toy.captions import random_caption
+from studio.toy.phrasing import (
+    DISTRACTOR_TEMPLATES,
+    PARAPHRASE_TEMPLATES,
+    caption_pair,
+    caption_parts,
+    distractor_prompts,
+    paraphrase_prompts,
+    rephrase,
+)
+from studio.toy.pretrain import phrasing_corpus
+from studio.toy.render import SEEN_SHAPES, random_spec
+from studio.toy.vocabulary import (
+    HELDOUT_WORDS,
+    KNOWN_WORDS,
+    describe,
+    filler_words,
+    prompt_warnings,
+    unknown_words,
+    words,
+)
+
+
+def _training_words(n: int = 20000) -> set[str]:
+    rng = np.random.default_rng(0)
+    specs = [random_spec(rng) for _ in range(500)]
+    texts = phrasing_corpus(specs, n, seed=1)
+    texts += [random_caption(specs[i % len(specs)], rng) for i in range(2000)]
+    return {w for text in texts for w in words(text)}
+
+
+def test_heldout_fillers_never_reach_a_training_caption():
+    train, heldout = filler_words()
+    assert len(train) > 5000 and len(heldout) > 1000
+    assert not set(train) & set(heldout)
+    seen = _training_words()
+    leaked = seen & set(heldout)
+    assert not leaked, f"held-out fillers in training captions: {sorted(leaked)[:10]}"
+    # ... while training captions do use many training fillers (the check above is not vacuous).
+    assert len(seen & set(train)) > 2000
+
+
+def test_fillers_are_not_vocabulary_words_nor_their_inflections():
+    train, heldout = filler_words()
+    for word in ("circles", "reddish", "stars", "red", "pink", "left", "not"):
+        assert word not in train and word not in heldout
+
+
+def test_paraphrase_and_distractor_prompts_use_only_heldout_fillers_and_vocabulary():
+    _, heldout = filler_words()
+    # The templates' own words ("of", "that is") are common function words, the rest are held-out fillers.
+    template_words = {w for t in PARAPHRASE_TEMPLATES + DISTRACTOR_TEMPLATES for w in words(re.sub(r"{\w+}", "", t))}
+    assert template_words <= {"of", "the", "a", "that", "is"}
+    for prompt_set in (paraphrase_prompts, distractor_prompts):
+        prompts, expected = prompt_set(100)
+        assert prompts == prompt_set(100)[0]  # fixed
+        assert {e["shape"] for e in expected} == set(SEEN_SHAPES)
+        for prompt, want in zip(prompts, expected):
+            extra = [w for w in words(prompt) if w not in KNOWN_WORDS]
+            assert extra and all(w in heldout or w in template_words for w in extra), prompt
+            assert want["shape"] in prompt.lower() and want["color"] in prompt.lower()
+
+
+def test_free_phrasings_keep_every_attribute_word():
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        parts = caption_parts(random_spec(rng), rng)
+        free = rephrase(parts, rng)
+        if not parts.v1:
+            assert not [w for w in words(free) if w in KNOWN_WORDS - {"a", "an", "on", "the", "in"}]
+            continue
+        for phrase in (*parts.adjectives, parts.noun, *parts.extras):
+            assert phrase.lower() in free.lower(), (parts, free)
+    v1, free = caption_pair(random_spec(rng), rng)
+    assert isinstance(v1, str) and isinstance(free, str)
+
+
+@pytest.mark.parametrize(
+    "prompt, allowed, expected",
+    [
+        ("a red striped circle in the top left on a white background", (), []),
+        ("A RED CIRCLE.", (), []),
+        ("a circle, red, striped", (), []),
+        ("a polka-dot rhombus in the lower right corner", (), []),
+        ("a photo of a red circle, high quality", (), ["photo", "of", "high", "quality"]),
+        ("draw me a red sks", ("sks",), ["draw", "me"]),
+        ("a blue star", (), ["star"]),
+        ("a red circle sks sks", ("sks",), []),
+    ],
+)
+def test_unknown_words(prompt, allowed, expected):
+    assert unknown_words(prompt, allowed) == expected
+
+
+def test_warnings_name_unknown_words_and_stay_silent_for_known_ones():
+    assert prompt_warnings(["a red circle", "a blue dotted square in the top left"]) == []
+    (line,) = prompt_warnings(["a photo of a red circle", "a red circle"])
+    assert "photo, of" in line and "a photo of a red circle" in line
+    (line,) = prompt_warnings(["a green heart"])
+    assert "heart (held out" in line
+    assert HELDOUT_WORDS == {"star", "heart"}
+    assert "circle / disk / round shape" in describe() and "held out" in describe()
+
+
+def _tiny_artifact(path, trigger_words=None):
+    metadata = {"studio.method": "lora", "studio.config": "{}", "studio.fingerprint": "{}"}
+    if trigger_words is not None:
+        metadata["studio.trigger_words"] = json.dumps(trigger_words)
+    save_file({"x": torch.zeros(1)}, str(path), metadata=metadata)
+    return path
+
+
+def test_sample_warns_about_unknown_words_but_not_trigger_words(tmp_path, capsys, monkeypatch):
+    import studio.cli as cli
+
+    class Stop(Exception):
+        pass
+
+    def no_model(_args):  # the warning comes before the model loads; stop there
+        raise Stop
+
+    monkeypatch.setattr(cli, "load_model", no_model)
+    artifact = _tiny_artifact(tmp_path / "a.safetensors", ["sks"])
+    with pytest.raises(Stop):
+        main(["sample", "a photo of a red sks", "a red circle", "--adapter", str(artifact)])
+    err = capsys.readouterr().err
+    assert "ignored by the toy model: photo, of (in 'a photo of a red sks')" in err
+    assert "sks" not in err.split("(in")[0] and "a red circle'" not in err
+    with pytest.raises(Stop):
+        main(["sample", "a red sks"])  # no artifact says sks is a trigger word
+    assert "ignored by the toy model: sks" in capsys.readouterr().err
