@@ -140,3 +140,20 @@ def test_sample_warns_about_unknown_words_but_not_trigger_words(tmp_path, capsys
     with pytest.raises(Stop):
         main(["sample", "a red sks"])  # no artifact says sks is a trigger word
     assert "ignored by the toy model: sks" in capsys.readouterr().err
+
+
+def test_page_warns_on_the_toy_model_only_and_spares_the_stack_trigger_words(tmp_path):
+    from studio.ui.app import Studio
+
+    studio = Studio(tmp_path)
+    try:
+        toy = {"model": "toy", "model_config": None}
+        note = studio.prompt_note(toy, [], "a photo of a red circle\na red circle", "")
+        assert "photo, of" in note and note.count("ignored") == 1
+        artifact = _tiny_artifact(tmp_path / "a.safetensors", ["sks"])
+        stack = [{"path": str(artifact), "name": "a", "scale": 1.0, "enabled": True}]
+        assert studio.prompt_note(toy, stack, "a red sks", "") == ""
+        assert "sks" in studio.prompt_note(toy, [], "a red sks", "")
+        assert studio.prompt_note({"model": "some/sd15", "model_config": None}, [], "a photo", "") == ""
+    finally:
+        studio.queue.shutdown()

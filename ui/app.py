@@ -343,6 +343,23 @@ class Studio:
         stack, layout, message = self._stack(stack, layout, target, header)
         return stack, layout, message, gr.update(choices=self.artifact_choices())
 
+    def prompt_note(self, model_state: dict, stack: list[dict], prompts: str, negative: str) -> str:
+        """On the toy model, which prompt words it ignores (the stack's trigger words excepted); else nothing."""
+        from studio.artifact import read_header
+        from studio.toy.vocabulary import prompt_warnings
+
+        if model_state["model"] != TOY_MODEL:
+            return ""
+        allowed = []
+        for item in stack:
+            try:
+                allowed += read_header(uploads.inside(self.data_dir, item["path"])).trigger_words
+            except StudioError:
+                continue  # a stack entry that went away: sampling names it
+        lines = [line for prompt in (prompts or "").splitlines() + [negative or ""]
+                 for line in prompt_warnings([prompt.strip()], allowed)]
+        return "\n".join(f"⚠ {line}  " for line in lines)
+
     @shows_errors
     def sample(self, model_state: dict, stack: list[dict], prompts: str, negative: str, seeds: str, steps: float,
                guidance: float, scheduler: str, width: float | None, height: float | None,
@@ -380,7 +397,8 @@ class Studio:
         if job.status != DONE:
             raise StudioError(f"sampling {job.status}: {job.message or 'see its log in the Jobs tab'}")
         images = [str(p) for p in sorted(job.out.glob("*.png")) if p.name != "grid.png"]
-        return images, job.command, f"{len(images)} images · job {job.id}"
+        note = self.prompt_note(model_state, stack, prompts, negative)
+        return images, job.command, f"{len(images)} images · job {job.id}" + (f"\n\n{note}" if note else "")
 
     # -- Jobs ----------------------------------------------------------------------------
 
@@ -402,6 +420,14 @@ class Studio:
         outputs = [str(p) for p in sorted(job.out.rglob("*"))
                    if p.is_file() and not skip.intersection(p.relative_to(job.out).parts)]
         return self.status_line(job_id), job.command, outputs[:200], self.queue.log_tail(job_id, 60)
+
+
+def _vocabulary_text() -> str:
+    from studio.toy.vocabulary import describe
+
+    return ("Any other word is ignored (you are told which), and so are word order, commas and capitals: "
+            "*a photo of a red circle, high quality* draws a red circle. Trigger words of the artifacts on the "
+            "stack (like *sks*) are fine.\n\n" + describe())
 
 
 def _short(text: str, length: int = 40) -> str:
@@ -536,6 +562,10 @@ def _sample_tab(studio: Studio, model_state: gr.State, tab: gr.Tab) -> None:
         with gr.Column(scale=2):
             prompts = gr.Textbox("a red sks\na blue striped circle", lines=3, label="prompts (one per line)")
             negative = gr.Textbox(label="negative prompt")
+            prompt_note = gr.Markdown()
+            with gr.Accordion("Words the toy model knows", open=False,
+                              visible=studio.default_model["model"] == TOY_MODEL) as vocabulary:
+                gr.Markdown(_vocabulary_text())
             with gr.Row():
                 seeds = gr.Textbox("0 1", label="seeds")
                 steps = gr.Slider(1, 100, value=20, step=1, label="steps")
@@ -556,6 +586,11 @@ def _sample_tab(studio: Studio, model_state: gr.State, tab: gr.Tab) -> None:
                   api_name="upload_artifact")
     go.click(studio.sample, [model_state, stack, prompts, negative, seeds, steps, guidance, scheduler, width, height],
              [gallery, command, info], api_name="sample")
+    for event in (prompts.change, negative.change, layout.change, model_state.change):
+        event(studio.prompt_note, [model_state, stack, prompts, negative], prompt_note,
+              api_visibility="private", show_progress="hidden")
+    model_state.change(lambda state: gr.update(visible=state["model"] == TOY_MODEL), model_state, vocabulary,
+                       api_visibility="private")
 
 
 def _jobs_tab(studio: Studio, timer: gr.Timer) -> None:
