@@ -7,6 +7,7 @@ own effect on the output (plugin output minus base output), which the difference
 """
 
 import copy
+import json
 import os
 from dataclasses import asdict
 
@@ -104,8 +105,6 @@ def test_peft_form_says_what_was_written(tiny_unet, tmp_path):
     assert peft_form(read_header(oft_attention)).startswith("PEFT OFT")
     assert peft_form(read_header(oft_convs)).startswith("PEFT BOFT with 1 factor and s = 1")
     assert "block size 8" in peft_form(read_header(boft_two))
-    import json
-
     assert json.loads((to_peft(oft_convs, tmp_path / "pb") / "adapter_config.json").read_text())["peft_type"] == "BOFT"
     assert json.loads((to_peft(oft_attention, tmp_path / "po") / "adapter_config.json").read_text())["peft_type"] == "OFT"
 
