@@ -198,13 +198,3 @@ def file_metadata(config) -> dict[str, str]:
     """Extra header entries for our file (none beyond the studio header)."""
     return {}
 
-
-def peft_adapter_config(config: dict) -> dict:
-    """The `adapter_config.json` PEFT needs for our file. (On a machine without PEFT's CUDA
-    extension PEFT itself falls back to one butterfly factor, so only 1-factor files match there.)"""
-    from peft import BOFTConfig as PeftBOFTConfig
-
-    return PeftBOFTConfig(
-        boft_block_size=config["block_size"], boft_n_butterfly_factor=config["n_butterfly_factor"],
-        target_modules=list(config["target_modules"]),
-    ).to_dict()

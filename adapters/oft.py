@@ -142,12 +142,3 @@ def file_metadata(config) -> dict[str, str]:
     """Extra header entries for our file (none beyond the studio header)."""
     return {}
 
-
-def peft_adapter_config(config: dict) -> dict:
-    """The `adapter_config.json` PEFT needs for our file (exact Cayley, so outputs match ours)."""
-    from peft import OFTConfig as PeftOFTConfig
-
-    return PeftOFTConfig(
-        r=0, oft_block_size=config["block_size"], coft=config["coft"], eps=config["eps"],
-        target_modules=list(config["target_modules"]), use_cayley_neumann=False,
-    ).to_dict()
