@@ -157,3 +157,12 @@ def test_page_warns_on_the_toy_model_only_and_spares_the_stack_trigger_words(tmp
         assert studio.prompt_note({"model": "some/sd15", "model_config": None}, [], "a photo", "") == ""
     finally:
         studio.queue.shutdown()
+
+
+def test_a_toy_training_records_its_trigger_words(tmp_path):
+    from studio.artifact import read_header
+
+    code = main(["train", "--method", "lora", "--data", "shapesworld:shape=star,count=2,caption=a {color} sks",
+                 "--max-train-steps", "1", "--output-dir", str(tmp_path / "run")])
+    assert code == 0
+    assert read_header(tmp_path / "run" / "lora.safetensors").trigger_words == ["sks"]

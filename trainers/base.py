@@ -40,10 +40,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from studio import registry
-from studio.artifact import fingerprint, save_artifact
+from studio.artifact import TRIGGER_WORDS_KEY, fingerprint, save_artifact
 from studio.data import Dataset, bucket_batches, load_dataset
 from studio.errors import StudioError
-from studio.pipeline import default_size, load
+from studio.pipeline import TOY_MODEL, default_size, load
 
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)")
 
@@ -409,6 +409,11 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
             for name, text_encoder in zip(te_names, text_encoders):
                 tensors.update(adapter.state_dict(accelerator.unwrap_model(text_encoder), name))
             metadata = adapter.file_metadata(method_config, text_encoders=tuple(te_names))
+        if config.model == TOY_MODEL:  # caption words the toy vocabulary lacks ("sks"): its prompt warning spares them
+            from studio.toy.vocabulary import unknown_words
+
+            captions = " ".join(sorted({example.caption for example in dataset.examples}))
+            metadata = {**metadata, TRIGGER_WORDS_KEY: json.dumps(unknown_words(captions))}
         save_artifact(artifact, tensors, config.method, asdict(method_config), base_fingerprint, extra_metadata=metadata)
         (output_dir / "summary.json").write_text(json.dumps(
             {"steps": config.max_train_steps, "processes": accelerator.num_processes, "trainable_params": trainable,
