@@ -223,19 +223,31 @@ def to_peft(path: str | Path, output: str | Path) -> Path:
 
 
 def to_kohya(path: str | Path, output: str | Path) -> Path:
-    """Write our LoRA artifact at `path` with kohya/A1111 keys to the file `output`."""
+    """Write our LoRA artifact at `path` with kohya/A1111 keys to the file `output`: the UNet's modules
+    as `lora_unet_*`, the text encoder's as `lora_te_*` (on SDXL, a file with `text_encoder_2` tensors:
+    `lora_te1_*` and `lora_te2_*`).
+
+    Example:
+        >>> to_kohya("outputs/star/lora.safetensors", "star-kohya.safetensors")  # doctest: +SKIP
+        PosixPath('star-kohya.safetensors')
+    """
     from studio.adapters import lora
 
     header = read_header(path)
     if header.method != "lora":
         raise StudioError(f"{path} holds {header.method}; only LoRA files have a kohya layout")
+    stored = load_file(str(path))
+    sdxl = any(key.startswith("text_encoder_2.") for key in stored)
+    kohya_prefix = {"unet.": KOHYA_UNET_PREFIX, "text_encoder.": "lora_te1_" if sdxl else "lora_te_",
+                    "text_encoder_2.": "lora_te2_"}
     tensors = {}
     alpha = torch.tensor(float(header.config.get("alpha", header.config.get("rank", 4))))
-    for key, value in load_file(str(path)).items():
+    for key, value in stored.items():
+        prefix = next((p for p in kohya_prefix if key.startswith(p)), None)
         for ours, theirs in ((lora.A_PARAM, KOHYA_DOWN), (lora.B_PARAM, KOHYA_UP)):
-            if key.startswith(lora.KEY_PREFIX) and key.endswith("." + ours):
-                module = key[len(lora.KEY_PREFIX):-len(ours) - 1]
-                stem = KOHYA_UNET_PREFIX + module.replace(".", "_")
+            if prefix is not None and key.endswith("." + ours):
+                module = key[len(prefix):-len(ours) - 1]  # text encoders' with kohya's text_model. prefix already
+                stem = kohya_prefix[prefix] + module.replace(".", "_")
                 tensors[stem + theirs] = value
                 tensors[stem + KOHYA_ALPHA] = alpha.clone()
                 break
@@ -249,43 +261,78 @@ def to_kohya(path: str | Path, output: str | Path) -> Path:
 
 
 def from_kohya(path: str | Path, output: str | Path, model: str = "toy") -> Path:
-    """Read a kohya/A1111 LoRA file made for `model` and write it as our artifact `output`."""
+    """Read a kohya/A1111 LoRA file made for `model` and write it as our artifact `output`: `lora_unet_*`
+    into the UNet's keys, `lora_te_*`/`lora_te1_*` into `text_encoder.` and `lora_te2_*` into `text_encoder_2.`.
+
+    Example:
+        >>> from_kohya("star-kohya.safetensors", "star.safetensors", model="toy")  # doctest: +SKIP
+        PosixPath('star.safetensors')
+    """
     from studio.adapters import lora
     from studio.pipeline import load
+    from studio.targets import file_module_name
 
     path = Path(path)
     check_safetensors(path)
     tensors = load_file(str(path))
-    text_keys = [k for k in tensors if k.startswith(KOHYA_TEXT_PREFIXES)]
-    if text_keys:
-        raise StudioError(
-            f"{path} has {len(text_keys)} text-encoder LoRA tensors ({text_keys[0]}, ...); "
-            "only UNet LoRAs convert for now: remove the lora_te* keys to keep the UNet part"
-        )
+    # kohya prefix -> (pipeline part, what an error calls it)
+    parts = {KOHYA_UNET_PREFIX: ("unet", "UNet"), "lora_te_": ("text_encoder", "text encoder"),
+             "lora_te1_": ("text_encoder", "text encoder"), "lora_te2_": ("text_encoder_2", "second text encoder")}
     stems = sorted({k[: -len(KOHYA_DOWN)] for k in tensors if k.endswith(KOHYA_DOWN)})
-    if not stems or not all(s.startswith(KOHYA_UNET_PREFIX) for s in stems):
-        raise StudioError(f"{path} is not a kohya LoRA file (no lora_unet_*.lora_down.weight tensors)")
-    unet = load(model, device="cpu", dtype="fp32").unet
-    by_kohya_name = {name.replace(".", "_"): name for name, _ in unet.named_modules()}
-    unknown = [s for s in stems if s[len(KOHYA_UNET_PREFIX):] not in by_kohya_name]
-    if unknown:
-        raise StudioError(
-            f"{len(unknown)} modules of {path} are not in {model}'s UNet (e.g. {unknown[0]}); "
-            "pass the --model it was made for (original-layout SDXL names like input_blocks_* are not supported)"
-        )
+    kohya_prefix = {s: next((p for p in parts if s.startswith(p)), None) for s in stems}
+    if not stems or None in kohya_prefix.values():
+        raise StudioError(f"{path} is not a kohya LoRA file (no lora_unet_*/lora_te*_*.lora_down.weight tensors)")
+    for stem in stems:
+        if stem + KOHYA_UP not in tensors:
+            kind = "text-encoder" if parts[kohya_prefix[stem]][0] != "unet" else "UNet"
+            raise StudioError(f"{path}: {kind} LoRA tensor {stem}{KOHYA_DOWN} has no {stem}{KOHYA_UP}; the file is incomplete")
     ranks = {tensors[s + KOHYA_DOWN].shape[0] for s in stems}
     if len(ranks) > 1:
         raise StudioError(f"{path} mixes LoRA ranks {sorted(ranks)}; only files with one rank convert")
     rank = ranks.pop()
-    ours, modules = {}, []
-    for stem in stems:
-        module = by_kohya_name[stem[len(KOHYA_UNET_PREFIX):]]
-        alpha = float(tensors[stem + KOHYA_ALPHA]) if stem + KOHYA_ALPHA in tensors else float(rank)
-        ours[f"{lora.KEY_PREFIX}{module}.{lora.A_PARAM}"] = tensors[stem + KOHYA_DOWN]
-        ours[f"{lora.KEY_PREFIX}{module}.{lora.B_PARAM}"] = tensors[stem + KOHYA_UP] * (alpha / rank)
-        modules.append(module)
-    config = lora.LoRAConfig(rank=rank, alpha=float(rank), target_modules=modules)
-    return save_artifact(output, ours, "lora", config.__dict__, fingerprint(unet, modules), lora.file_metadata(config))
+    pipe = load(model, device="cpu", dtype="fp32")
+    ours, modules, base_fingerprint = {}, {}, {}
+    for prefix, (part, what) in parts.items():
+        part_stems = [s for s in stems if kohya_prefix[s] == prefix]
+        if not part_stems:
+            continue
+        net = getattr(pipe, part, None)
+        if net is None:
+            raise StudioError(f"{path} has {what} tensors ({part_stems[0]}, ...) but {model} has no {what}; "
+                              "pass the --model it was made for (lora_te1_/lora_te2_ files are SDXL's)")
+        by_kohya_name = {file_module_name(net, name).replace(".", "_"): name for name, _ in net.named_modules()}
+        unknown = [s for s in part_stems if s[len(prefix):] not in by_kohya_name]
+        if unknown:
+            raise StudioError(
+                f"{len(unknown)} modules of {path} are not in {model}'s {what} (e.g. {unknown[0]}); "
+                "pass the --model it was made for (original-layout SDXL names like input_blocks_* are not supported)"
+            )
+        for stem in part_stems:
+            name = by_kohya_name[stem[len(prefix):]]
+            down, up = tensors[stem + KOHYA_DOWN], tensors[stem + KOHYA_UP]
+            weight = getattr(net.get_submodule(name), "weight", None)
+            if weight is None or up.shape[0] != weight.shape[0] or down[0].numel() != weight[0].numel():
+                raise StudioError(f"{path}: {stem} (down {list(down.shape)}, up {list(up.shape)}) does not fit {model}'s "
+                                  f"{what} layer {name} ({list(weight.shape) if weight is not None else 'no weight'}); "
+                                  "pass the --model it was made for")
+            alpha = float(tensors[stem + KOHYA_ALPHA]) if stem + KOHYA_ALPHA in tensors else float(rank)
+            module = file_module_name(net, name)
+            ours[f"{part}.{module}.{lora.A_PARAM}"] = down
+            ours[f"{part}.{module}.{lora.B_PARAM}"] = up * (alpha / rank)
+            modules.setdefault(part, []).append(name)
+    for part, names in modules.items():
+        found = fingerprint(getattr(pipe, part), names)
+        if part == "unet":
+            base_fingerprint.update(found)
+        else:
+            base_fingerprint[part] = found
+    if "unet" not in modules:
+        base_fingerprint.update({"model": type(pipe.unet).__name__, "layers": {}})
+    text_encoders = tuple(part for part in modules if part != "unet")
+    config = lora.LoRAConfig(rank=rank, alpha=float(rank), target_modules=modules.get("unet", []))
+    te_targets = sorted({name.rsplit(".", 1)[-1] for part in text_encoders for name in modules[part]})
+    metadata = lora.file_metadata(config, text_encoders=text_encoders, text_encoder_targets=te_targets)
+    return save_artifact(output, ours, "lora", config.__dict__, base_fingerprint, metadata)
 
 
 def is_studio_file(path: str | Path) -> bool:
