@@ -14,6 +14,10 @@ Protocol (the same for every method):
   applied, minus the base model's on the same prompts and seeds.
 - `trainable_params`, `train_seconds` from the run's summary.
 
+An entry is a method name, or a variant of one named in `RECIPES` with its
+`method`: `lora-te` is the LoRA recipe with the text encoder trained too
+(`--train-text-encoder`), to see whether that raises composition.
+
 Example:
     $ studio bench personalize --json --output benchmarks/results/personalize.json
 """
@@ -62,6 +66,8 @@ RECIPES: dict[str, dict] = {
     "boft": {"learning_rate": 5e-4, "method_options": {"target_modules": TARGETS}},
     "sara": {"learning_rate": 3e-3, "method_options": {"fraction": 0.2, "target_modules": TARGETS}},
 }
+# LoRA with text-encoder LoRA too (not in the default list); the text encoder at half the UNet's rate, kohya's usual ratio.
+RECIPES["lora-te"] = {**RECIPES["lora"], "method": "lora", "train_text_encoder": True, "text_encoder_lr": 5e-4}
 SHARED = {"max_train_steps": 1000, "train_batch_size": 4, "seed": 0, "prior_data": PRIOR_DATA, "prior_loss_weight": 1.0}
 
 
@@ -101,7 +107,7 @@ def personalize(
 
     methods = methods or [name for name, m in registry.METHODS.items() if m.kind == "adapter"]
     for name in methods:
-        registry.get(name)
+        registry.get(RECIPES.get(name, {}).get("method", name))
     keep = work_dir is not None
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="studio-bench-"))
     evaluator = load_evaluator()
@@ -113,10 +119,10 @@ def personalize(
     results: dict = {}
     try:
         for name in methods:
-            options = {**SHARED, **RECIPES.get(name, {})}
+            options = {"method": name, **SHARED, **RECIPES.get(name, {})}
             if steps is not None:
                 options["max_train_steps"] = steps
-            run = train(TrainConfig(method=name, data=DATA, output_dir=str(work_dir / name), **options))
+            run = train(TrainConfig(data=DATA, output_dir=str(work_dir / name), **options))
             plugin.apply(pipe, run.artifact, name=name)
             fidelity, fidelity_color = token_scores(pipe, TRAIN_COLORS, seeds, evaluator)
             composition, composition_color = token_scores(pipe, NOVEL_COLORS, seeds, evaluator)
@@ -131,6 +137,7 @@ def personalize(
                 "trainable_params": run.trainable_params,
                 "train_seconds": round(run.seconds, 1),
                 "learning_rate": options["learning_rate"],
+                **({"text_encoder_lr": options["text_encoder_lr"]} if options.get("train_text_encoder") else {}),
                 "max_train_steps": options["max_train_steps"],
                 "method_options": options.get("method_options", {}),
             }
