@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure the methods").add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     p = bench.add_parser("personalize", help="teach the toy model the held-out star with each method; fidelity and preservation")
-    p.add_argument("--methods", nargs="+", default=None, help="default: every adapter method")
+    p.add_argument("--methods", nargs="+", default=None, help="default: every adapter method; lora-te: LoRA with --train-text-encoder")
     p.add_argument("--preservation-prompts", type=int, default=100)
     p.add_argument("--seeds", type=int, default=8, help="samples per colour for fidelity and composition")
     p.add_argument("--max-train-steps", type=int, default=None, help="override every method's step budget")
