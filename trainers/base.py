@@ -341,6 +341,10 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
         checkpoint = latest_checkpoint(output_dir) if config.resume == "latest" else Path(config.resume)
         if checkpoint is None or not checkpoint.is_dir():
             raise StudioError(f"no checkpoint to resume from ({config.resume}); checkpoints live in {output_dir / 'checkpoints'}")
+        saved_models = len(list(checkpoint.glob("model*.safetensors")) + list(checkpoint.glob("pytorch_model*.bin")))
+        if saved_models and saved_models != 1 + len(text_encoders):  # the UNet, then each trained text encoder
+            raise StudioError(f"{checkpoint} was saved {'with' if saved_models > 1 else 'without'} --train-text-encoder; "
+                              "resume with the setting it was started with")
         accelerator.load_state(str(checkpoint))
         start_step = int(CHECKPOINT_PATTERN.fullmatch(checkpoint.name).group(1))
     accelerator.init_trackers("studio", config={k: str(v) for k, v in asdict(config).items()})
