@@ -149,9 +149,13 @@ def cmd_bench_personalize(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_train_step(args: argparse.Namespace) -> int:
-    from studio.bench.train_step import train_step
+    from studio.bench.train_step import ci_notes, train_step
 
-    result = train_step(args.models, args.entries, rounds=args.rounds, steps=args.steps, device=args.device)
+    result = train_step(args.models, args.entries, rounds=args.rounds, steps=args.steps, device=args.device,
+                        until_ci=args.until_ci, ci_target=args.ci_target, max_rounds=args.max_rounds,
+                        max_minutes=args.max_minutes)
+    for note in ci_notes(result):
+        print(f"warning: {note}", file=sys.stderr)
     return print_result(result, args)
 
 
@@ -373,8 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("train-step", help="seconds and peak memory of a training step: ours, PEFT, floor, full")
     p.add_argument("--models", nargs="+", default=None, choices=["toy", "sd15"])
     p.add_argument("--entries", nargs="+", default=None, help="default: floor full lora oft boft sara peft-lora peft-oft peft-boft")
-    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=4, help="timing rounds (with --until-ci: the least)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per entry per round")
+    p.add_argument("--until-ci", action="store_true", help="keep adding rounds until every 95%% interval lies within "
+                   "the ratio ± --ci-target (or --max-rounds / --max-minutes stops it)")
+    p.add_argument("--ci-target", type=float, default=0.03, help="interval half-width goal, relative (0.03 = ±3%%)")
+    p.add_argument("--max-rounds", type=int, default=50, help="with --until-ci: stop after this many rounds")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop timing a model after about this many minutes")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--output", default=None, help="also write the JSON to this file")

@@ -2,9 +2,16 @@
 
 import json
 
+import numpy as np
+import pytest
+
+from studio.bench.train_step import bootstrap_median_ci, ci_notes, collect_rounds, goals, paired_ratio, summarize_times
 from studio.cli import main
+from studio.errors import StudioError
 
 PERSONALIZE_KEYS = {"fidelity", "composition", "preservation", "trainable_params", "train_seconds"}
+TRAIN_STEP_KEYS = {"seconds", "ratio_to_floor", "ratio_ci", "ci_halfwidth", "ci_target_met", "peak_memory_mb",
+                   "added_memory_mb", "paper_peak_memory_mb", "paper_added_memory_mb", "trainable_params"}
 
 
 def test_bench_personalize_reports_every_metric(tmp_path, capsys):
@@ -21,15 +28,108 @@ def test_bench_personalize_reports_every_metric(tmp_path, capsys):
     assert result["base"]["fidelity"] == 0.0  # the toy model never draws a star for the token
 
 
-def test_bench_train_step_reports_ratios_and_memory(capsys):
-    code = main(["bench", "train-step", "--models", "toy", "--entries", "lora", "boft", "peft-boft",
-                 "--rounds", "1", "--steps", "1", "--json"])
+def test_bench_train_step_reports_ratios_intervals_and_memory(capsys):
+    code = main(["bench", "train-step", "--models", "toy", "--entries", "boft", "peft-boft",
+                 "--rounds", "5", "--steps", "1", "--until-ci", "--max-rounds", "5", "--ci-target", "0.5", "--json"])
     assert code == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(result) == {"floor", "lora", "boft", "peft-boft", "setup"}
-    for entry in ("floor", "lora", "boft", "peft-boft"):
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert set(result) == {"floor", "boft", "peft-boft", "goals", "round_times", "setup"}
+    for entry in ("floor", "boft", "peft-boft"):
         toy = result[entry]["toy"]
-        assert toy["seconds"] > 0 and toy["peak_memory_mb"] > 0 and "ratio_to_floor" in toy
-    assert result["floor"]["toy"]["trainable_params"] == 0
-    assert "speedup_vs_peft" in result["boft"]["toy"]
+        assert TRAIN_STEP_KEYS <= toy.keys()
+        assert toy["seconds"] > 0 and toy["peak_memory_mb"] > 0 and toy["paper_peak_memory_mb"] > 0
+        low, high = toy["ratio_ci"]
+        assert low <= toy["ratio_to_floor"] <= high
+        assert len(result["round_times"]["toy"][entry]) == 5 and all(len(r) == 1 for r in result["round_times"]["toy"][entry])
+    assert result["floor"]["toy"]["ratio_ci"] == [1.0, 1.0] and result["floor"]["toy"]["trainable_params"] == 0
+    boft = result["boft"]["toy"]
+    assert boft["speedup_ci"][0] <= boft["speedup_vs_peft"] <= boft["speedup_ci"][1]
+    assert boft["time_vs_peft_ci"][0] <= boft["time_vs_peft"] <= boft["time_vs_peft_ci"][1]
+    assert "speedup_vs_peft" not in result["floor"]["toy"] and "speedup_vs_peft" not in result["peft-boft"]["toy"]
     assert result["peft-boft"]["toy"]["peft_boft_factors"] in (1, 2)
+    assert set(result["goals"]["toy"]) == {"boft x floor", "peft-boft / boft time (speedup)"}
+    timing = result["setup"]["timing"]["toy"]
+    assert timing["rounds"] == 5 and timing["stopped"] in ("target met", "max rounds")
+    wide = [e for e in ("boft", "peft-boft") if not result[e]["toy"]["ci_target_met"]]
+    assert (timing["stopped"] == "max rounds") == bool(wide)
+    for entry in wide:  # the CLI names every entry whose interval missed the target
+        assert f"{entry} ±" in captured.err
+
+
+def test_bootstrap_interval_contains_the_median_and_narrows_with_more_samples():
+    rng = np.random.default_rng(1)
+    widths = []
+    for n in (25, 400):
+        values = 1.0 + 0.05 * rng.standard_normal(n)  # median 1.0
+        low, high = bootstrap_median_ci(values)
+        assert low < 1.0 < high and low <= np.median(values) <= high
+        assert bootstrap_median_ci(values) == (low, high)  # seeded: the same values give the same interval
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2  # 16x the samples: about a quarter of the width
+    assert bootstrap_median_ci([2.5] * 7) == (2.5, 2.5)
+    with pytest.raises(StudioError, match="non-empty"):
+        bootstrap_median_ci([])
+    with pytest.raises(StudioError, match="level 95"):
+        bootstrap_median_ci([1.0, 2.0], level=95)
+
+
+def test_paired_ratio_cancels_slow_periods():
+    rng = np.random.default_rng(2)
+    load = rng.uniform(1.0, 3.0, 20)  # the machine is up to 3x slower in some rounds
+    floor = [[l * 2.0] for l in load]
+    lora = [[l * 2.2 * (1 + 0.005 * rng.standard_normal())] for l in load]
+    paired = paired_ratio(lora, floor)
+    assert paired["ci"][0] <= 1.1 <= paired["ci"][1] and paired["halfwidth"] < 0.03
+    unpaired = [a[0] / b[0] for a, b in zip(lora, floor[1:] + floor[:1])]  # each over another round's floor
+    low, high = bootstrap_median_ci(unpaired)
+    assert high - low > 10 * (paired["ci"][1] - paired["ci"][0])
+    with pytest.raises(StudioError, match="same rounds"):
+        paired_ratio(lora, floor[:3])
+
+
+def _noisy_rounds(noise: float, seed: int = 3):
+    rng = np.random.default_rng(seed)
+    return lambda: {"floor": [1.0 + noise * rng.standard_normal()], "lora": [1.2 + noise * rng.standard_normal()]}
+
+
+def test_collect_rounds_adds_rounds_until_the_interval_is_narrow_or_a_cap_stops_it():
+    times, stopped = collect_rounds(_noisy_rounds(0.0), rounds=2)
+    assert stopped == "fixed rounds" and len(times["lora"]) == 2
+    times, stopped = collect_rounds(_noisy_rounds(0.005), rounds=3, until_ci=True)
+    assert stopped == "target met" and len(times["lora"]) == 5  # never checked before 5 rounds
+    assert summarize_times(times)["lora"]["ci_target_met"]
+    times, stopped = collect_rounds(_noisy_rounds(0.3), rounds=5, until_ci=True, max_rounds=8)
+    assert stopped == "max rounds" and len(times["lora"]) == 8
+    assert not summarize_times(times)["lora"]["ci_target_met"]
+    now = [0.0]
+    noisy = _noisy_rounds(0.3)
+
+    def minute_long_round():
+        now[0] += 60
+        return noisy()
+
+    times, stopped = collect_rounds(minute_long_round, rounds=5, until_ci=True, max_seconds=200, clock=lambda: now[0])
+    assert stopped == "max minutes" and len(times["lora"]) == 3  # a fourth round would end at 240 s
+    with pytest.raises(StudioError, match="--max-rounds 3"):
+        collect_rounds(_noisy_rounds(0.0), rounds=5, until_ci=True, max_rounds=3)
+
+
+def test_goals_verdicts_and_ci_notes():
+    results = {
+        "lora": {"sd15": {"ratio_to_floor": 1.1, "ratio_ci": [1.08, 1.12], "time_vs_peft": 1.02,
+                          "time_vs_peft_ci": [0.99, 1.05], "ci_halfwidth": 0.029, "ci_target_met": True,
+                          "peak_memory_mb": 100.0, "paper_peak_memory_mb": 200.0}},
+        "oft": {"sd15": {"ratio_to_floor": 1.1, "ratio_ci": [1.0, 1.2], "time_vs_peft": 1.05,
+                         "time_vs_peft_ci": [1.02, 1.08], "ci_halfwidth": 0.09, "ci_target_met": False}},
+        "sara": {"sd15": {"ratio_to_floor": 1.5, "ratio_ci": [1.48, 1.52], "ci_halfwidth": 0.013, "ci_target_met": True,
+                          "peak_memory_mb": 113.0, "paper_peak_memory_mb": 190.0}},
+        "setup": {"timing": {"sd15": {"rounds": 50, "stopped": "max rounds"}}, "ci_target": 0.03, "until_ci": True},
+    }
+    checked = goals(results, "sd15")
+    assert checked["lora x floor"]["verdict"] == "met"
+    assert checked["lora / peft-lora time"]["verdict"] == "undecided"  # the interval straddles 1.03
+    assert checked["oft / peft-oft time"] == {"value": 1.05, "ci": [1.02, 1.08], "goal": "<= 1.0", "verdict": "missed"}
+    assert checked["sara / lora peak memory (batch 1)"]["verdict"] == "missed"
+    assert checked["sara / lora peak memory (batch 2, 64x64)"] == {"value": 0.95, "goal": "<= 1.1", "verdict": "met"}
+    assert ci_notes(results) == ["sd15: 50 rounds (max rounds); intervals wider than ±3%: oft ±9.0%"]
