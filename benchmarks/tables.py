@@ -23,21 +23,61 @@ def personalize_table() -> str:
     return "\n".join(rows)
 
 
+NOT_ENTRIES = {"setup", "goals", "round_times"}
+
+
+def _with_ci(value: float | None, interval: list[float] | None) -> str:
+    """`1.11 [1.08–1.14]`; just the value when there is no interval (results from before intervals)."""
+    if value is None:
+        return "—"
+    return f"{value:.2f}" + (f" [{interval[0]:.2f}–{interval[1]:.2f}]" if interval else "")
+
+
+def _mb(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.0f}"
+
+
 def train_step_table() -> str:
+    """One table per model (× floor and speedup vs PEFT with their 95% intervals, peak memory in both settings),
+    then the goals with their verdicts."""
     data = json.loads((RESULTS / "train-step.json").read_text())
+    setup = data["setup"]
     models = [m for m in ("toy", "sd15") if m in data["floor"]]
-    head = "| entry | " + " | ".join(f"{m} s/step | {m} × floor | {m} peak MB" for m in models) + " | speedup vs PEFT (toy / sd15) |"
-    rows = [head, "|" + "---|" * (1 + 3 * len(models) + 1)]
-    for entry, per_model in data.items():
-        if entry == "setup":
-            continue
-        cells = []
-        for m in models:
+    paper = setup.get("paper_memory", {"batch": 2, "latents": "64x64"})
+    out = []
+    for m in models:
+        timing = setup.get("timing", {}).get(m)
+        latents = setup["latents"][m].replace("x", "×")
+        about = f"{timing['rounds']} rounds, {timing['stopped']}" if timing else f"{setup['rounds']} rounds"
+        out.append(f"{m} ({latents} latents; {about}):")
+        out.append("")
+        out.append(f"| entry | s/step | × floor [95% CI] | speedup vs PEFT [95% CI] | peak MB (batch 1, {latents}) | "
+                   f"peak MB (batch {paper['batch']}, {paper['latents'].replace('x', '×')}) |")
+        out.append("|---|---|---|---|---|---|")
+        wide = []
+        for entry, per_model in data.items():
+            if entry in NOT_ENTRIES or m not in per_model:
+                continue
             r = per_model[m]
-            cells.append(f"{r['seconds']:.3f} | {r['ratio_to_floor']:.2f} | {r['peak_memory_mb']:,.0f}")
-        speedup = " / ".join(str(per_model[m].get("speedup_vs_peft", "—")) for m in models)
-        rows.append(f"| {entry} | " + " | ".join(cells) + f" | {speedup} |")
-    return "\n".join(rows)
+            mark = ""
+            if not r.get("ci_target_met", True):
+                mark = " *"
+                wide.append(f"{entry} ±{r['ci_halfwidth']:.1%}")
+            speedup = _with_ci(r.get("speedup_vs_peft"), r.get("speedup_ci")) if "speedup_vs_peft" in r else "—"
+            out.append(f"| {entry}{mark} | {r['seconds']:.3f} | {_with_ci(r['ratio_to_floor'], r.get('ratio_ci'))} | "
+                       f"{speedup} | {_mb(r.get('peak_memory_mb'))} | {_mb(r.get('paper_peak_memory_mb'))} |")
+        if wide:
+            out.append("")
+            out.append(f"\\* interval wider than ±{setup.get('ci_target', 0.03):.0%}: {', '.join(wide)}")
+        out.append("")
+    goals = data.get("goals", {})
+    if goals:
+        out.append("| model | goal | value [95% CI] | target | verdict |")
+        out.append("|---|---|---|---|---|")
+        for m, checked in goals.items():
+            for name, g in checked.items():
+                out.append(f"| {m} | {name} | {_with_ci(g['value'], g.get('ci'))} | {g['goal']} | {g['verdict']} |")
+    return "\n".join(out).rstrip()
 
 
 if __name__ == "__main__":
