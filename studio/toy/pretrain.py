@@ -80,11 +80,11 @@ class PretrainConfig:
     min_snr_gamma: float = 5.0
     check_every: int = 1000
     phrasing_vocab: int = 4096
-    phrasing_steps: int = 1200
+    phrasing_steps: int = 400
     phrasing_batch: int = 64
     phrasing_bank: int = 8192
     phrasing_lr: float = 5e-4
-    phrasing_check_every: int = 300
+    phrasing_check_every: int = 100
 
 
 # ----------------------------------------------------------------------------- data
