@@ -153,7 +153,7 @@ def cmd_bench_train_step(args: argparse.Namespace) -> int:
 
     result = train_step(args.models, args.entries, rounds=args.rounds, steps=args.steps, device=args.device,
                         until_ci=args.until_ci, ci_target=args.ci_target, max_rounds=args.max_rounds,
-                        max_minutes=args.max_minutes)
+                        max_minutes=args.max_minutes, threads=args.threads)
     for note in ci_notes(result):
         print(f"warning: {note}", file=sys.stderr)
     return print_result(result, args)
@@ -384,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ci-target", type=float, default=0.03, help="interval half-width goal, relative (0.03 = ±3%%)")
     p.add_argument("--max-rounds", type=int, default=50, help="with --until-ci: stop after this many rounds")
     p.add_argument("--max-minutes", type=float, default=None, help="stop timing a model after about this many minutes")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per measurement (default: one per core; "
+                   "1 keeps a busy shared machine from slowing steps a hundredfold)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--output", default=None, help="also write the JSON to this file")

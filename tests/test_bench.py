@@ -30,7 +30,7 @@ def test_bench_personalize_reports_every_metric(tmp_path, capsys):
 
 def test_bench_train_step_reports_ratios_intervals_and_memory(capsys):
     code = main(["bench", "train-step", "--models", "toy", "--entries", "boft", "peft-boft",
-                 "--rounds", "5", "--steps", "1", "--until-ci", "--max-rounds", "5", "--ci-target", "0.5", "--json"])
+                 "--rounds", "5", "--steps", "1", "--until-ci", "--max-rounds", "5", "--ci-target", "0.5", "--threads", "1", "--json"])
     assert code == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out.strip().splitlines()[-1])
@@ -49,6 +49,7 @@ def test_bench_train_step_reports_ratios_intervals_and_memory(capsys):
     assert "speedup_vs_peft" not in result["floor"]["toy"] and "speedup_vs_peft" not in result["peft-boft"]["toy"]
     assert result["peft-boft"]["toy"]["peft_boft_factors"] in (1, 2)
     assert set(result["goals"]["toy"]) == {"boft x floor", "peft-boft / boft time (speedup)"}
+    assert result["setup"]["threads"] == 1
     timing = result["setup"]["timing"]["toy"]
     assert timing["rounds"] == 5 and timing["stopped"] in ("target met", "max rounds")
     wide = [e for e in ("boft", "peft-boft") if not result[e]["toy"]["ci_target_met"]]
@@ -96,6 +97,7 @@ def _noisy_rounds(noise: float, seed: int = 3):
 def test_collect_rounds_adds_rounds_until_the_interval_is_narrow_or_a_cap_stops_it():
     times, stopped = collect_rounds(_noisy_rounds(0.0), rounds=2)
     assert stopped == "fixed rounds" and len(times["lora"]) == 2
+    assert not summarize_times(times)["lora"]["ci_target_met"]  # an interval of 2 rounds is not trusted, however narrow
     times, stopped = collect_rounds(_noisy_rounds(0.005), rounds=3, until_ci=True)
     assert stopped == "target met" and len(times["lora"]) == 5  # never checked before 5 rounds
     assert summarize_times(times)["lora"]["ci_target_met"]
@@ -124,7 +126,8 @@ def test_goals_verdicts_and_ci_notes():
                          "time_vs_peft_ci": [1.02, 1.08], "ci_halfwidth": 0.09, "ci_target_met": False}},
         "sara": {"sd15": {"ratio_to_floor": 1.5, "ratio_ci": [1.48, 1.52], "ci_halfwidth": 0.013, "ci_target_met": True,
                           "peak_memory_mb": 113.0, "paper_peak_memory_mb": 190.0}},
-        "setup": {"timing": {"sd15": {"rounds": 50, "stopped": "max rounds"}}, "ci_target": 0.03, "until_ci": True},
+        "setup": {"timing": {"sd15": {"rounds": 50, "stopped": "max rounds", "max_load_average": 2.1}},
+                  "ci_target": 0.03, "until_ci": True, "cpu_count": 2},
     }
     checked = goals(results, "sd15")
     assert checked["lora x floor"]["verdict"] == "met"
@@ -133,3 +136,7 @@ def test_goals_verdicts_and_ci_notes():
     assert checked["sara / lora peak memory (batch 1)"]["verdict"] == "missed"
     assert checked["sara / lora peak memory (batch 2, 64x64)"] == {"value": 0.95, "goal": "<= 1.1", "verdict": "met"}
     assert ci_notes(results) == ["sd15: 50 rounds (max rounds); intervals wider than ±3%: oft ±9.0%"]
+    results["setup"]["timing"]["sd15"] = {"rounds": 1, "stopped": "max minutes", "max_load_average": 7.6}
+    assert ci_notes(results) == [
+        "sd15: 1 rounds (max minutes); an interval needs at least 5 rounds to be trusted",
+        "sd15: the machine was busy (load average up to 7.6 on 2 cores): other processes' load can slow entries unequally"]

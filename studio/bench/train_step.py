@@ -35,8 +35,9 @@ Keys of `result[entry][model]`:
   `speedup_ci` (PEFT's / ours, per round);
 - `ci_halfwidth`: the widest of the entry's intervals, as the larger distance
   from the ratio to an end of its interval, over the ratio (0.021 = ±2.1%);
-  `ci_target_met`: whether that is below `ci_target` — false when a cap
-  stopped the rounds first (`setup.timing[model].stopped` says which);
+  `ci_target_met`: whether that is below `ci_target` and comes from at
+  least 5 rounds (always true for the floor) — false when a cap stopped the
+  rounds first (`setup.timing[model].stopped` says which);
 - `peak_memory_mb`, `added_memory_mb`, `trainable_params`: memory at the
   timing setting (batch 1, 16x16 toy / 32x32 sd15 latents);
 - `paper_peak_memory_mb`, `paper_added_memory_mb`: memory at a paper-like
@@ -55,6 +56,13 @@ first step.
 whole interval meets the goal, "missed" when none of it does, "undecided"
 when the interval straddles the goal. `result["round_times"][model][entry]`
 keeps every timed step, round by round, so the statistics can be recomputed.
+`result["setup"]["timing"][model]` gives the rounds run, why they stopped,
+the minutes taken and the largest 1-minute load average seen after a round
+(the CLI warns above the core count + 1: on a busy machine contention can
+slow entries unequally, which no pairing cancels: with other processes on
+both of 2 cores, a toy step with 2 threads took 7.4 s for the floor and 14 s
+for LoRA against 0.036 s and 0.055 s with 1 thread — `threads` 1 keeps a
+shared machine usable for a rough run; the reported figures use the default).
 
 Example:
     $ studio bench train-step --until-ci --json --output benchmarks/results/train-step.json
@@ -66,6 +74,7 @@ import collections
 import copy
 import gc
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -102,7 +111,7 @@ CI_LEVEL = 0.95
 CI_TARGET = 0.03
 BOOTSTRAP_RESAMPLES = 4000
 BOOTSTRAP_SEED = 0
-MIN_ADAPTIVE_ROUNDS = 5  # below this a bootstrap interval of a median is little more than the sample's range
+MIN_CI_ROUNDS = 5  # below this a bootstrap interval of a median is little more than the sample's range: not trusted
 MAX_ROUNDS = 50
 
 # (goal name, entry, value key, interval key, comparison, bound): the README's time goals.
@@ -276,12 +285,13 @@ def paired_ratio(numerator: Sequence[Sequence[float]], denominator: Sequence[Seq
 def summarize_times(times: dict[str, list[list[float]]], ci_target: float = CI_TARGET) -> dict[str, dict]:
     """Per entry, its seconds and paired ratios with intervals (the keys listed in the module docstring).
 
-    `times` maps each entry (the floor included) to its per-round lists of step seconds.
+    `times` maps each entry (the floor included) to its per-round lists of step seconds. An interval from
+    fewer than 5 rounds never meets the target, however narrow.
 
     Example:
         >>> summary = summarize_times({"floor": [[1.0], [2.0]], "lora": [[1.1], [2.2]]})
         >>> summary["lora"]["ratio_to_floor"], summary["lora"]["ratio_ci"], summary["lora"]["ci_target_met"]
-        (1.1, [1.1, 1.1], True)
+        (1.1, [1.1, 1.1], False)
     """
     if "floor" not in times:
         raise StudioError(f"timings need the 'floor' entry to compute ratios; got {', '.join(times)}")
@@ -304,7 +314,8 @@ def summarize_times(times: dict[str, list[list[float]]], ci_target: float = CI_T
             metrics["speedup_ci"] = [round(x, 3) for x in peft_over_ours["ci"]]
             halfwidths += [ours_over_peft["halfwidth"], peft_over_ours["halfwidth"]]
         metrics["ci_halfwidth"] = round(max(halfwidths), 4)
-        metrics["ci_target_met"] = bool(max(halfwidths) < ci_target)
+        enough_rounds = len(rounds) >= MIN_CI_ROUNDS
+        metrics["ci_target_met"] = entry == "floor" or bool(enough_rounds and max(halfwidths) < ci_target)
         summary[entry] = metrics
     return summary
 
@@ -353,7 +364,7 @@ def collect_rounds(run_round: Callable[[], dict[str, list[float]]], rounds: int,
         last_round = clock() - round_start
         if not until_ci and done >= rounds:
             return times, "fixed rounds"
-        if until_ci and done >= max(rounds, MIN_ADAPTIVE_ROUNDS):
+        if until_ci and done >= max(rounds, MIN_CI_ROUNDS):
             summary = summarize_times(times, ci_target)
             widest = max(summary, key=lambda entry: summary[entry]["ci_halfwidth"])
             say(f"round {done}: widest interval ±{summary[widest]['ci_halfwidth']:.1%} ({widest}), target ±{ci_target:.1%}")
@@ -375,7 +386,8 @@ def time_entries(model: str, entries: list[str], rounds: int, steps: int, device
                  ci_target: float = CI_TARGET, max_rounds: int = MAX_ROUNDS, max_minutes: float | None = None) -> dict:
     """Per entry, the seconds of every timed step, round by round, entries interleaved (see `collect_rounds`).
 
-    Returns `{"times": {entry: [[step seconds] per round]}, "stopped": why, "minutes": wall time}`.
+    Returns `{"times": {entry: [[step seconds] per round]}, "stopped": why, "minutes": wall time,
+    "max_load_average": the largest 1-minute load average seen after a round}`.
 
     Example:
         >>> time_entries("toy", ["floor", "lora"], rounds=2, steps=1, device="cpu")["times"]["lora"]  # doctest: +SKIP
@@ -387,6 +399,8 @@ def time_entries(model: str, entries: list[str], rounds: int, steps: int, device
     device = torch.device(device)
     batch = {k: v.to(device) for k, v in batch.items()}
     order = np.random.default_rng(0)
+
+    loads: list[float] = []
 
     def run_round() -> dict[str, list[float]]:
         times: dict[str, list[float]] = {entry: [] for entry in entries}
@@ -403,6 +417,7 @@ def time_entries(model: str, entries: list[str], rounds: int, steps: int, device
                 _sync(device)
                 times[entry].append(time.perf_counter() - start)
             del unet, optimizer, params
+        loads.append(os.getloadavg()[0])  # this bench counts too: about one per thread while it computes
         return times
 
     def say(text: str) -> None:
@@ -411,7 +426,8 @@ def time_entries(model: str, entries: list[str], rounds: int, steps: int, device
     start = time.monotonic()
     max_seconds = None if max_minutes is None else max_minutes * 60
     times, stopped = collect_rounds(run_round, rounds, until_ci, ci_target, max_rounds, max_seconds, say)
-    return {"times": times, "stopped": stopped, "minutes": round((time.monotonic() - start) / 60, 1)}
+    return {"times": times, "stopped": stopped, "minutes": round((time.monotonic() - start) / 60, 1),
+            "max_load_average": round(max(loads), 1)}
 
 
 class _PeakRSS:
@@ -479,8 +495,9 @@ def measure_memory(model: str, entry: str, steps: int, device: str, batch_size: 
     return result
 
 
-def _in_subprocess(function: str, *args, say: Callable[[str], None] | None = None) -> dict:
-    """Run `function(*args)` of this module in a fresh Python and return its JSON result.
+def _in_subprocess(function: str, *args, say: Callable[[str], None] | None = None, threads: int | None = None) -> dict:
+    """Run `function(*args)` of this module in a fresh Python (with `threads` CPU threads, default torch's)
+    and return its JSON result.
 
     Every measurement gets its own process, so no run inherits another's memory (a freed SD1.5-sized
     model is not always handed back to the system) or warm caches. Its stderr lines that start with
@@ -488,7 +505,8 @@ def _in_subprocess(function: str, *args, say: Callable[[str], None] | None = Non
     """
     code = f"import json, studio.bench.train_step as m; print(json.dumps(m.{function}(*{args!r})))"
     with tempfile.TemporaryFile(mode="w+") as stdout:
-        process = subprocess.Popen([sys.executable, "-c", code], stdout=stdout, stderr=subprocess.PIPE, text=True)
+        env = dict(os.environ) if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=stdout, stderr=subprocess.PIPE, text=True, env=env)
         tail: collections.deque[str] = collections.deque(maxlen=40)
         for line in process.stderr:
             if line.startswith(PROGRESS):
@@ -543,7 +561,8 @@ def goals(results: dict, model: str) -> dict[str, dict]:
 
 
 def ci_notes(result: dict) -> list[str]:
-    """One line per model whose intervals are not all within the target: how many rounds, why it stopped, which entries.
+    """Lines for the user about timings not to trust: per model, the entries whose interval is wider than the
+    target or comes from fewer than 5 rounds (with how many rounds and why they stopped), and a busy machine.
 
     Example:
         >>> ci_notes(result)  # doctest: +SKIP
@@ -554,10 +573,16 @@ def ci_notes(result: dict) -> list[str]:
     for model, timing in setup["timing"].items():
         wide = [f"{entry} ±{per_model[model]['ci_halfwidth']:.1%}" for entry, per_model in result.items()
                 if entry in ENTRIES and model in per_model and not per_model[model]["ci_target_met"]]
-        if wide:
-            hint = "" if setup["until_ci"] else "; add --until-ci to keep adding rounds"
+        hint = "" if setup["until_ci"] else "; add --until-ci to keep adding rounds"
+        if timing["rounds"] < MIN_CI_ROUNDS:
+            notes.append(f"{model}: {timing['rounds']} rounds ({timing['stopped']}); an interval needs at least "
+                         f"{MIN_CI_ROUNDS} rounds to be trusted{hint}")
+        elif wide:
             notes.append(f"{model}: {timing['rounds']} rounds ({timing['stopped']}); intervals wider than "
                          f"±{setup['ci_target']:.0%}: {', '.join(wide)}{hint}")
+        if timing["max_load_average"] > setup["cpu_count"] + 1:
+            notes.append(f"{model}: the machine was busy (load average up to {timing['max_load_average']} on "
+                         f"{setup['cpu_count']} cores): other processes' load can slow entries unequally")
     return notes
 
 
@@ -573,11 +598,13 @@ def train_step(
     ci_target: float = CI_TARGET,
     max_rounds: int = MAX_ROUNDS,
     max_minutes: float | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Measure every entry on every model; `{entry: {model: metrics}}` plus `goals`, `round_times` and `setup`.
 
     `rounds` timing rounds, or with `until_ci` at least that many and then more until every interval lies
-    within ± `ci_target` or `max_rounds` / `max_minutes` (per model) stops it. Keys: the module docstring.
+    within ± `ci_target` or `max_rounds` / `max_minutes` (per model) stops it. `threads`: CPU threads of
+    the measuring processes (default: torch's, one per core). Keys: the module docstring.
 
     Example:
         >>> r = train_step(["toy"], ["floor", "lora"], rounds=5, steps=1)  # doctest: +SKIP
@@ -597,6 +624,8 @@ def train_step(
     if steps < 1 or memory_steps < 1:
         raise StudioError(f"--steps {steps} and memory steps {memory_steps} must be at least 1")
     check_round_options(rounds, until_ci, ci_target, max_rounds, None if max_minutes is None else max_minutes * 60)
+    if threads is not None and threads < 1:
+        raise StudioError(f"--threads {threads} must be at least 1")
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
     results: dict = {entry: {} for entry in entries}
     all_times: dict[str, dict] = {}
@@ -605,8 +634,9 @@ def train_step(
         for entry in entries:  # memory first: an entry that does not fit fails in minutes, not after the timing
             say(f"[{model}] memory of {entry}: batch 1 at {TIMING_LATENTS[model]}x{TIMING_LATENTS[model]}, "
                 f"batch {PAPER_BATCH} at {PAPER_LATENTS}x{PAPER_LATENTS}")
-            metrics = _in_subprocess("measure_memory", model, entry, memory_steps, device)
-            paper = _in_subprocess("measure_memory", model, entry, memory_steps, device, PAPER_BATCH, PAPER_LATENTS)
+            metrics = _in_subprocess("measure_memory", model, entry, memory_steps, device, threads=threads)
+            paper = _in_subprocess("measure_memory", model, entry, memory_steps, device, PAPER_BATCH, PAPER_LATENTS,
+                                   threads=threads)
             metrics["paper_peak_memory_mb"] = paper["peak_memory_mb"]
             metrics["paper_added_memory_mb"] = paper["added_memory_mb"]
             results[entry][model] = metrics
@@ -614,18 +644,20 @@ def train_step(
             if until_ci else f"{rounds} rounds"
         say(f"[{model}] timing {len(entries)} entries, {plan} x {steps} steps")
         timed = _in_subprocess("time_entries", model, entries, rounds, steps, device, until_ci, ci_target,
-                               max_rounds, max_minutes, say=say)
+                               max_rounds, max_minutes, say=say, threads=threads)
         for entry, metrics in summarize_times(timed["times"], ci_target).items():
             results[entry][model] = {**metrics, **results[entry][model]}
         all_times[model] = timed["times"]
-        timing[model] = {"rounds": len(timed["times"]["floor"]), "stopped": timed["stopped"], "minutes": timed["minutes"]}
+        timing[model] = {"rounds": len(timed["times"]["floor"]), "stopped": timed["stopped"], "minutes": timed["minutes"],
+                         "max_load_average": timed["max_load_average"]}
     results["goals"] = {model: goals(results, model) for model in models}
     results["round_times"] = {model: {entry: [[round(t, 6) for t in steps_] for steps_ in per_round]
                                       for entry, per_round in times.items()} for model, times in all_times.items()}
     results["setup"] = {
         "device": device,
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": threads or torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "rounds": rounds,
         "steps_per_round": steps,
         "until_ci": until_ci,
