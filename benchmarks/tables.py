@@ -48,7 +48,9 @@ def train_step_table() -> str:
     for m in models:
         timing = setup.get("timing", {}).get(m)
         latents = setup["latents"][m].replace("x", "×")
-        about = f"{timing['rounds']} rounds, {timing['stopped']}" if timing else f"{setup['rounds']} rounds"
+        about = f"{setup['rounds']} rounds"
+        if timing:
+            about = f"{timing['rounds']} rounds, {timing['stopped']}, load average ≤ {timing['max_load_average']}"
         out.append(f"{m} ({latents} latents; {about}):")
         out.append("")
         out.append(f"| entry | s/step | × floor [95% CI] | speedup vs PEFT [95% CI] | peak MB (batch 1, {latents}) | "
