@@ -64,8 +64,9 @@ both of 2 cores, a toy step with 2 threads took 7.4 s for the floor and 14 s
 for LoRA against 0.036 s and 0.055 s with 1 thread — `threads` 1 keeps a
 shared machine usable for a rough run; the reported figures use the default).
 
-Example:
-    $ studio bench train-step --until-ci --json --output benchmarks/results/train-step.json
+Example (the README's run: toy rounds are cheap, so up to 150; sd15's about 3 minutes each, so at most 2 hours):
+    $ studio bench train-step --until-ci --rounds 5 --max-rounds 150 --max-minutes 120 \\
+        --json --output benchmarks/results/train-step.json
 """
 
 from __future__ import annotations
