@@ -144,7 +144,8 @@ def cmd_bench_personalize(args: argparse.Namespace) -> int:
     from studio.bench.personalize import personalize
 
     result = personalize(args.methods, n_preservation=args.preservation_prompts, n_seeds=args.seeds,
-                         work_dir=args.work_dir, steps=args.max_train_steps)
+                         work_dir=args.work_dir, steps=args.max_train_steps, train_seeds=args.train_seeds,
+                         sample_seed_offset=args.sample_seed_offset)
     return print_result(result, args)
 
 
@@ -368,7 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("personalize", help="teach the toy model the held-out star with each method; fidelity and preservation")
     p.add_argument("--methods", nargs="+", default=None, help="default: every adapter method; lora-te: LoRA with --train-text-encoder")
     p.add_argument("--preservation-prompts", type=int, default=100)
-    p.add_argument("--seeds", type=int, default=8, help="samples per colour for fidelity and composition")
+    p.add_argument("--seeds", type=int, default=64, help="sampling seeds per colour and training seed: fidelity "
+                   "scores 4 colours x this many samples, composition 2 x this many (default 64: 256 and 128)")
+    p.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1], help="train each method once per seed "
+                   "(TrainConfig seed); scores are means over them, with a 95%% bootstrap interval (default 0 1; the "
+                   "recipe sweep, benchmarks/personalize_sweep.py, uses 100 101)")
+    p.add_argument("--sample-seed-offset", type=int, default=0, help="sampling seeds are OFFSET .. OFFSET + --seeds - 1 "
+                   "(default 0; the recipe sweep uses 1000)")
     p.add_argument("--max-train-steps", type=int, default=None, help="override every method's step budget")
     p.add_argument("--work-dir", default=None, help="keep the trained artifacts here (default: a temporary folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

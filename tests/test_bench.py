@@ -9,7 +9,8 @@ from studio.bench.train_step import bootstrap_median_ci, ci_notes, collect_round
 from studio.cli import main
 from studio.errors import StudioError
 
-PERSONALIZE_KEYS = {"fidelity", "composition", "preservation", "trainable_params", "train_seconds"}
+PERSONALIZE_KEYS = {"fidelity", "composition", "preservation", "trainable_params", "train_seconds",
+                    "fidelity_ci", "composition_ci", "preservation_ci", "fidelity_per_seed", "train_seeds"}
 TRAIN_STEP_KEYS = {"seconds", "ratio_to_floor", "ratio_ci", "ci_halfwidth", "ci_target_met", "peak_memory_mb",
                    "added_memory_mb", "paper_peak_memory_mb", "paper_added_memory_mb", "trainable_params"}
 
@@ -17,7 +18,7 @@ TRAIN_STEP_KEYS = {"seconds", "ratio_to_floor", "ratio_ci", "ci_halfwidth", "ci_
 def test_bench_personalize_reports_every_metric(tmp_path, capsys):
     out = tmp_path / "personalize.json"
     code = main(["bench", "personalize", "--methods", "lora", "sara", "--preservation-prompts", "4", "--seeds", "1",
-                 "--max-train-steps", "2", "--json", "--output", str(out)])
+                 "--train-seeds", "0", "--max-train-steps", "2", "--json", "--output", str(out)])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert json.loads(out.read_text()) == result
