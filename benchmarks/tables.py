@@ -10,16 +10,37 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def personalize_table() -> str:
-    data = json.loads((RESULTS / "personalize.json").read_text())
-    rows = ["| method | fidelity | composition | preservation | trainable params | train seconds | lr |", "|---|---|---|---|---|---|---|"]
+def _mean_with_ci(r: dict, key: str, fmt: str) -> str:
+    """`0.81 [0.76, 0.85]`: the mean over training seeds and its 95% interval; the value alone in older results."""
+    interval = r.get(f"{key}_ci")
+    return format(r[key], fmt) + (f" [{format(interval[0], fmt)}, {format(interval[1], fmt)}]" if interval else "")
+
+
+def _per_seed(r: dict, key: str) -> str:
+    """`0.80 / 0.82`: one value per training seed; — in older results."""
+    return " / ".join(f"{v:.2f}" for v in r[f"{key}_per_seed"]) if f"{key}_per_seed" in r else "—"
+
+
+def personalize_table(path: Path | None = None) -> str:
+    """The personalize table: fidelity, composition and preservation as means over training seeds with their 95%
+    intervals, fidelity per seed, then a line saying how many samples and which seeds."""
+    data = json.loads((path or RESULTS / "personalize.json").read_text())
+    rows = ["| method | fidelity [95% CI] | fidelity per seed | composition [95% CI] | preservation [95% CI] | "
+            "trainable params | train seconds | lr |", "|---|---|---|---|---|---|---|---|"]
     for method, r in data.items():
         if method == "base":
             continue
-        rows.append(f"| {method} | {r['fidelity']:.2f} | {r['composition']:.2f} | {r['preservation']:+.3f} | "
+        rows.append(f"| {method} | {_mean_with_ci(r, 'fidelity', '.2f')} | {_per_seed(r, 'fidelity')} | "
+                    f"{_mean_with_ci(r, 'composition', '.2f')} | {_mean_with_ci(r, 'preservation', '+.3f')} | "
                     f"{r['trainable_params']:,} | {r['train_seconds']:.0f} | {r['learning_rate']:g} |")
     base = data["base"]
-    rows.append(f"| (base model) | {base['fidelity']:.2f} | — | accuracy {base['accuracy']:.3f} | — | — | — |")
+    rows.append(f"| (base model) | {base['fidelity']:.2f} | — | — | accuracy {base['accuracy']:.3f} | — | — | — |")
+    if "train_seeds" in base:
+        rows.append("")
+        rows.append(f"Per training seed ({', '.join(map(str, base['train_seeds']))}): {base['n_token_samples']} fidelity "
+                    f"and {base['n_composition_samples']} composition samples (sampling seeds {base['sample_seeds'][0]}–"
+                    f"{base['sample_seeds'][1]}), {base['n_preservation']} preservation prompts; intervals: "
+                    f"{base['interval']['method']}.")
     return "\n".join(rows)
 
 
