@@ -98,7 +98,9 @@ def test_sample_with_the_trained_artifact(trained, studio_server):
     # The same prompt and seeds on the base model (a fresh session has an empty stack) differ.
     base = _images(Client(studio_server[0], verbose=False).predict(*settings.values(), api_name="/sample")[0])
     assert len(base) == 2
-    assert max(np.abs(a - b).mean() for a, b in zip(with_adapter, base)) > 1.0
+    # A 6-step LoRA moves the toy model v2 only a little (its text encoder mostly ignores "sks"), but an adapter
+    # that is not applied gives exactly the base model's pixels (same seeds, deterministic CPU).
+    assert max(np.abs(a - b).mean() for a, b in zip(with_adapter, base)) > 0.1
 
 
 def test_every_registered_method_trains_from_its_generated_form(studio_server):
