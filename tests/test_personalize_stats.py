@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from studio.bench.personalize import check_train_seeds, personalize, seed_summary, two_level_bootstrap_ci
+from studio.bench.personalize import check_train_seeds, personalize, seed_summary
+from studio.bench.stats import two_level_bootstrap_ci
 from studio.cli import main
 from studio.errors import StudioError
 

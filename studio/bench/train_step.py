@@ -92,6 +92,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from studio import registry
+from studio.bench.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CI_LEVEL, bootstrap_median_ci
 from studio.errors import StudioError
 from studio.targets import ATTENTION_PROJECTIONS
 
@@ -108,10 +109,7 @@ TIMING_LATENTS = {"toy": 16, "sd15": 32}
 PAPER_BATCH = 2
 PAPER_LATENTS = 64
 
-CI_LEVEL = 0.95
 CI_TARGET = 0.03
-BOOTSTRAP_RESAMPLES = 4000
-BOOTSTRAP_SEED = 0
 MIN_CI_ROUNDS = 5  # below this a bootstrap interval of a median is little more than the sample's range: not trusted
 MAX_ROUNDS = 50
 
@@ -222,31 +220,6 @@ def _sync(device: torch.device) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Statistics: a bootstrap interval of a median, per-round paired ratios, and when to stop adding rounds.
-
-
-def bootstrap_median_ci(values: Sequence[float], level: float = CI_LEVEL, resamples: int = BOOTSTRAP_RESAMPLES,
-                        seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-    """The percentile-bootstrap interval of the median of `values`: (low, high), reproducible for a given seed.
-
-    Example:
-        >>> low, high = bootstrap_median_ci([0.98, 1.0, 1.01, 1.02, 0.99, 1.0, 1.03])
-        >>> low <= 1.0 <= high
-        True
-    """
-    samples = np.asarray(values, dtype=float)
-    if samples.ndim != 1 or samples.size == 0:
-        raise StudioError(f"bootstrap needs a non-empty flat list of numbers, got shape {samples.shape}")
-    if not np.all(np.isfinite(samples)):
-        raise StudioError(f"bootstrap values must be finite numbers, got {values!r}")
-    if not 0 < level < 1:
-        raise StudioError(f"interval level {level} must lie between 0 and 1 (0.95 = 95%)")
-    if resamples < 1:
-        raise StudioError(f"bootstrap resamples {resamples} must be at least 1")
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, samples.size, size=(resamples, samples.size))
-    medians = np.median(samples[picks], axis=1)
-    low, high = np.quantile(medians, [(1 - level) / 2, (1 + level) / 2])
-    return float(low), float(high)
 
 
 def round_times(rounds: Sequence[Sequence[float]]) -> list[float]:
