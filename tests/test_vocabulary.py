@@ -166,3 +166,19 @@ def test_a_toy_training_records_its_trigger_words(tmp_path):
                  "--max-train-steps", "1", "--output-dir", str(tmp_path / "run")])
     assert code == 0
     assert read_header(tmp_path / "run" / "lora.safetensors").trigger_words == ["sks"]
+
+
+def test_trigger_like_nonwords_stay_in_both_captions():
+    # Stage 7 keeps v1's meaning for non-words ("sks"), which adapters key on, while it drops English fillers.
+    from studio.toy.vocabulary import english_word_set
+
+    rng = np.random.default_rng(7)
+    found = 0
+    for _ in range(500):
+        parts = caption_parts(random_spec(rng), rng)
+        extra = [w for w in words(parts.v1) if w not in KNOWN_WORDS]
+        if extra:
+            found += 1
+            assert not set(extra) & english_word_set()
+            assert set(extra) <= set(words(rephrase(parts, rng)))
+    assert 50 < found < 200

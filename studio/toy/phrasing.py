@@ -42,6 +42,7 @@ from studio.toy.vocabulary import PROMPT_PHRASES, filler_words
 PREFIX_SHARE, SUFFIX_SHARE, INSERT_SHARE = 0.55, 0.5, 0.3
 UNCHANGED_SHARE = 0.15  # the v1 caption itself, so known phrasings keep their meaning exactly
 EMPTY_SHARE = 0.04  # "" or fillers only: the unconditional embedding
+NONWORD_SHARE = 0.2  # a trigger-like non-word ("sks") in both captions: it keeps v1's meaning, unlike English fillers
 
 
 def _article(phrase: str, rng: np.random.Generator) -> str:
@@ -135,7 +136,30 @@ def caption_parts(spec: ShapeSpec, rng: np.random.Generator) -> CaptionParts:
                             choose=_chosen(size, color, texture, noun, position, background))
     adjectives = tuple(w for w in (size, color, texture) if w)
     extras = tuple(p for p in (position, f"on a {background} background" if background else None) if p)
+    if rng.random() < NONWORD_SHARE:
+        # A trigger word as personalization uses them ("a red sks"): v1's text encoder gives it an embedding of
+        # its own that adapters learn to key on, so the v1 caption carries it too and v2 must keep it.
+        word = random_nonword(rng)
+        noun = word if rng.random() < 0.5 else f"{word} {noun}"
+        phrase = " ".join(adjectives + (noun,))
+        v1 = " ".join([("an " if phrase[0] in "aeiou" else "a ") + phrase, *extras])
     return CaptionParts(v1, adjectives, noun, extras)
+
+
+def random_nonword(rng: np.random.Generator) -> str:
+    """2-5 random letters that are neither a vocabulary word nor an English word of the filler list ("sks", "qzv").
+
+    Example:
+        >>> word = random_nonword(np.random.default_rng(0))
+        >>> word.isalpha() and 2 <= len(word) <= 5
+        True
+    """
+    from studio.toy.vocabulary import KNOWN_WORDS, english_word_set
+
+    while True:
+        word = "".join(chr(ord("a") + int(i)) for i in rng.integers(26, size=int(rng.integers(2, 6))))
+        if word not in KNOWN_WORDS and word not in english_word_set():
+            return word
 
 
 def rephrase(parts: CaptionParts, rng: np.random.Generator) -> str:

@@ -169,6 +169,12 @@ def _english_words() -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=1)
+def english_word_set() -> frozenset[str]:
+    """Every word of the shipped English word list (fillers or not), for telling words from non-words."""
+    return frozenset(_english_words())
+
+
+@lru_cache(maxsize=1)
 def filler_words() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(training fillers, held-out fillers): English words the toy vocabulary does not have.
 
