@@ -71,17 +71,28 @@ def caption_from_parts(
         >>> caption_from_parts("star", color="blue")
         'a blue star'
     """
-    words = [
-        choose(SIZE_WORDS[size]) if size else "",
-        choose(COLOR_WORDS[color]) if color else "",
-        choose(TEXTURE_WORDS[texture]) if texture else "",
+    return caption_from_words(
+        [choose(table[name]) for table, name in ((SIZE_WORDS, size), (COLOR_WORDS, color), (TEXTURE_WORDS, texture))
+         if name],
         choose(SHAPE_WORDS[shape]),
-    ]
-    text = _with_article(words)
+        choose(POSITION_WORDS[position]) if position else None,
+        choose(BACKGROUND_WORDS[background]) if background else None,
+    )
+
+
+def caption_from_words(adjectives: list[str], noun: str, position: str | None = None,
+                       background: str | None = None) -> str:
+    """The caption template over words already chosen: article, adjectives, noun, position phrase, background.
+
+    Example:
+        >>> caption_from_words(["big", "red"], "disk", "in the middle", "grey")
+        'a big red disk in the middle on a grey background'
+    """
+    text = _with_article([*adjectives, noun])
     if position:
-        text += " " + choose(POSITION_WORDS[position])
+        text += " " + position
     if background:
-        text += f" on a {choose(BACKGROUND_WORDS[background])} background"
+        text += f" on a {background} background"
     return text
 
 

@@ -34,7 +34,7 @@ from studio.toy.captions import (
     SHAPE_WORDS,
     SIZE_WORDS,
     TEXTURE_WORDS,
-    caption_from_parts,
+    caption_from_words,
 )
 from studio.toy.render import ShapeSpec
 from studio.toy.vocabulary import PROMPT_PHRASES, filler_words
@@ -130,10 +130,6 @@ def caption_parts(spec: ShapeSpec, rng: np.random.Generator) -> CaptionParts:
     noun = choose(SHAPE_WORDS[spec.shape])
     position = choose(POSITION_WORDS[spec.position]) if named["position"] else None
     background = choose(BACKGROUND_WORDS[spec.background]) if named["background"] else None
-    v1 = caption_from_parts(spec.shape, spec.color if color else None, spec.texture if texture else None,
-                            spec.size if size else None, spec.position if position else None,
-                            spec.background if background else None,
-                            choose=_chosen(size, color, texture, noun, position, background))
     adjectives = tuple(w for w in (size, color, texture) if w)
     extras = tuple(p for p in (position, f"on a {background} background" if background else None) if p)
     if rng.random() < NONWORD_SHARE:
@@ -141,9 +137,7 @@ def caption_parts(spec: ShapeSpec, rng: np.random.Generator) -> CaptionParts:
         # its own that adapters learn to key on, so the v1 caption carries it too and v2 must keep it.
         word = random_nonword(rng)
         noun = word if rng.random() < 0.5 else f"{word} {noun}"
-        phrase = " ".join(adjectives + (noun,))
-        v1 = " ".join([("an " if phrase[0] in "aeiou" else "a ") + phrase, *extras])
-    return CaptionParts(v1, adjectives, noun, extras)
+    return CaptionParts(caption_from_words(list(adjectives), noun, position, background), adjectives, noun, extras)
 
 
 def random_nonword(rng: np.random.Generator) -> str:
@@ -187,16 +181,6 @@ def caption_pair(spec: ShapeSpec, rng: np.random.Generator) -> tuple[str, str]:
     """
     parts = caption_parts(spec, rng)
     return parts.v1, rephrase(parts, rng)
-
-
-def _chosen(*picked: str | None):
-    """A `choose` for `caption_from_parts` that returns the synonym already picked for each table."""
-    picked_set = {p for p in picked if p}
-
-    def choose(options):
-        return next((o for o in options if o in picked_set), options[0])
-
-    return choose
 
 
 # ----------------------------------------------------------------------------- evaluation prompts
