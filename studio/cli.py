@@ -105,6 +105,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_toy_pretrain(args: argparse.Namespace) -> int:
     from studio.toy.pretrain import PretrainConfig, pretrain
 
+    for flag, value in (("--unet-steps", args.unet_steps), ("--phrasing-steps", args.phrasing_steps)):
+        if value is not None and value < 1:
+            raise StudioError(f"{flag} must be at least 1 (got {value})")
     config = PretrainConfig(seed=args.seed)
     if args.unet_steps is not None:
         config.unet_steps = args.unet_steps
@@ -119,6 +122,10 @@ def cmd_toy_pretrain(args: argparse.Namespace) -> int:
 def cmd_toy_report(args: argparse.Namespace) -> int:
     from studio.toy.report import report
 
+    for flag, value, least in (("--images", args.images, 1), ("--heldout-images", args.heldout_images, 0),
+                               ("--paraphrase-images", args.paraphrase_images, 0)):
+        if value < least:
+            raise StudioError(f"{flag} must be at least {least} (got {value})")
     pipe = load_model(args)
     result = report(
         pipe, n_images=args.images, n_heldout=args.heldout_images, n_paraphrase=args.paraphrase_images, steps=args.steps,

@@ -182,3 +182,14 @@ def test_trigger_like_nonwords_stay_in_both_captions():
             assert not set(extra) & english_word_set()
             assert set(extra) <= set(words(rephrase(parts, rng)))
     assert 50 < found < 200
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["toy", "report", "--paraphrase-images", "-5"], "--paraphrase-images must be at least 0 (got -5)"),
+    (["toy", "report", "--images", "0"], "--images must be at least 1 (got 0)"),
+    (["toy", "pretrain", "--phrasing-steps", "-1"], "--phrasing-steps must be at least 1 (got -1)"),
+])
+def test_new_counts_out_of_range_are_refused_before_any_work(argv, message, capsys, tmp_path):
+    assert main(argv + (["--work-dir", str(tmp_path / "w")] if argv[1] == "pretrain" else [])) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
