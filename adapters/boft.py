@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from studio.errors import StudioError
+from studio.options import ranged
 from studio.orthogonal import cayley, rotate_input, rotate_weight
 from studio.targets import ATTENTION_PROJECTIONS, in_dim, layer_forward, wrap_targets
 
@@ -44,8 +45,8 @@ from studio.targets import ATTENTION_PROJECTIONS, in_dim, layer_forward, wrap_ta
 class BOFTConfig:
     """BOFT options. Each targeted input dim must be a multiple of block_size * 2**(n_butterfly_factor - 1)."""
 
-    block_size: int = 8
-    n_butterfly_factor: int = 2
+    block_size: int = ranged(8, 1, 4096)
+    n_butterfly_factor: int = ranged(2, 1, 12)
     target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
 
 

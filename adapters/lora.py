@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from studio.options import ranged
 from studio.targets import ATTENTION_PROJECTIONS, file_module_name, find_targets
 
 ADAPTER_NAME = "studio"
@@ -36,9 +37,9 @@ LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_
 class LoRAConfig:
     """LoRA options: rank r, alpha (the update is scaled by alpha / r), targets, dropout on the LoRA input."""
 
-    rank: int = 4
-    alpha: float = 4.0
-    dropout: float = 0.0
+    rank: int = ranged(4, 1, 4096)
+    alpha: float = ranged(4.0, 0, low_open=True)
+    dropout: float = ranged(0.0, 0, 1, high_open=True)
     target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
 
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from studio.errors import StudioError
+from studio.options import ranged
 from studio.orthogonal import cayley, rotate_input, rotate_weight, skew_symmetric
 from studio.targets import ATTENTION_PROJECTIONS, in_dim, layer_forward, wrap_targets
 
@@ -41,9 +42,9 @@ from studio.targets import ATTENTION_PROJECTIONS, in_dim, layer_forward, wrap_ta
 class OFTConfig:
     """OFT options. `block_size` must divide every targeted layer's input dim (in_features, or in_ch*kh*kw)."""
 
-    block_size: int = 32
+    block_size: int = ranged(32, 1, 4096)
     coft: bool = False  # constrained OFT: keep each ||Q_i|| within eps / sqrt(n_blocks)
-    eps: float = 6e-5
+    eps: float = ranged(6e-5, 0, low_open=True)
     target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
 
 

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from studio.errors import StudioError
+from studio.options import ranged
 from studio.targets import layer_forward, wrap_targets
 
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
@@ -46,9 +47,9 @@ DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "f
 class SaRAConfig:
     """SaRA options: the fraction of each targeted weight to train, the nuclear-norm weight, the targets."""
 
-    fraction: float = 0.1
-    rank_weight: float = 5e-4  # lambda of the nuclear-norm term (the reference README's value)
-    rank_min_dim: int = 32  # only layers whose smaller weight dim is at least this get the term
+    fraction: float = ranged(0.1, 0, 1, low_open=True)
+    rank_weight: float = ranged(5e-4, 0)  # lambda of the nuclear-norm term (the reference README's value)
+    rank_min_dim: int = ranged(32, 1)  # only layers whose smaller weight dim is at least this get the term
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
 
 

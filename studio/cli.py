@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
+import typing
 from pathlib import Path
 
 from studio.errors import StudioError
@@ -70,34 +72,48 @@ def warn_toy_vocabulary(prompts: list[str], artifacts: list[Path]) -> None:
         print(f"warning: {line}", file=sys.stderr)
 
 
+def sample_settings_from_args(args: argparse.Namespace, prompts: list[str]):
+    """The `SampleSettings` the flags ask for, each checked against its declared range (nothing loaded yet).
+
+    Example:
+        >>> args = build_parser().parse_args(["sample", "a red circle", "--steps", "-5"])
+        >>> sample_settings_from_args(args, args.prompts)
+        Traceback (most recent call last):
+        studio.errors.StudioError: --steps -5: must be a whole number >= 1 and <= 1000
+    """
+    from studio.options import config_from_options
+    from studio.sample import SampleSettings
+
+    if not prompts:
+        raise StudioError("no prompt given: pass at least one prompt, or --prompts-file with one prompt per line")
+    options = {"prompts": prompts, "seeds": ",".join(args.seed), "negative_prompt": args.negative_prompt,
+               "steps": args.steps, "guidance_scale": args.guidance_scale, "scheduler": args.scheduler,
+               "width": args.width, "height": args.height, "batch_size": args.batch_size}
+    settings = config_from_options(SampleSettings, {k: v for k, v in options.items() if v is not None})
+    settings.validate()
+    return settings
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from studio import plugin
-    from studio.sample import SampleSettings, read_prompts_file, sample
+    from studio.sample import read_prompts_file, sample
 
     prompts = list(args.prompts)
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
-    if not prompts:
-        raise StudioError("no prompt given: pass at least one prompt, or --prompts-file with one prompt per line")
+    settings = sample_settings_from_args(args, prompts)  # before the (slow) model load
     output_dir = Path(args.output_dir or Path("outputs") / "samples" / time.strftime("%Y%m%d-%H%M%S"))
-    settings = dict(
-        negative_prompt=args.negative_prompt,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        scheduler=args.scheduler,
-        width=args.width,
-        height=args.height,
-        batch_size=args.batch_size,
-    )
-    SampleSettings(prompts=prompts, seeds=args.seed, **settings).validate()  # before the (slow) model load
     adapters = [parse_adapter_arg(spec) for spec in args.adapter]
     if args.model == TOY_MODEL:
-        warn_toy_vocabulary(prompts + [args.negative_prompt or ""], [p for p, _ in adapters])
+        warn_toy_vocabulary(prompts + [settings.negative_prompt], [p for p, _ in adapters])
     pipe = load_model(args)
     for path, scale in adapters:
         plugin.apply(pipe, path, scale)
-    result = sample(pipe, prompts, seeds=args.seed, output_dir=output_dir,
-                    record={"adapters": [{"file": str(p), "scale": s} for p, s in adapters]}, **settings)
+    options = {k: v for k, v in asdict(settings).items() if k not in ("prompts", "seeds")}
+    result = sample(pipe, settings.prompts, seeds=settings.seeds, output_dir=output_dir,
+                    record={"adapters": [{"file": str(p), "scale": s} for p, s in adapters]}, **options)
     print(f"wrote {len(result.files)} images, grid.png and settings.json to {result.output_dir} in {result.seconds:.1f}s")
     return 0
 
@@ -167,8 +183,19 @@ def cmd_bench_train_step(args: argparse.Namespace) -> int:
     return print_result(result, args)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def add_config_flag(parser: argparse.ArgumentParser, f, hint, help_prefix: str = "") -> None:
+    """One config field as a flag: a bool as a switch (--NAME / --no-NAME), anything else takes a value
+    (converted and range-checked by `config_from_options`, so every entry point refuses alike)."""
+    import dataclasses
+
+    from studio.options import RANGE_KEY, allowed, flag
+
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    described = f"{help_prefix}{allowed(hint, f.metadata.get(RANGE_KEY))}; default {default!r}"
+    if hint is bool:
+        parser.add_argument(flag(f.name), default=None, action=argparse.BooleanOptionalAction, help=f"{help_prefix}default {default!r}")
+    else:
+        parser.add_argument(flag(f.name), default=None, help=described.replace("%", "%%"))
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -182,21 +209,16 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", dest="config_file", default=None, help="TOML file whose keys are these flags")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("method_options", "model"):
-            continue
-        if hints[f.name] is bool:
-            parser.add_argument(_flag(f.name), default=None, action=argparse.BooleanOptionalAction)
-        elif typing.get_origin(hints[f.name]) is typing.Literal:
-            parser.add_argument(_flag(f.name), default=None, choices=typing.get_args(hints[f.name]), help=f"default {f.default!r}")
-        else:
-            parser.add_argument(_flag(f.name), default=None, help=f"default {f.default!r}")
+        if f.name not in ("method_options", "model"):
+            add_config_flag(parser, f, hints[f.name])
     seen = set()
     for method in registry.METHODS.values():
         config_cls = type(method.trainer.default_config({}))
+        method_hints = typing.get_type_hints(config_cls)
         for f in dataclasses.fields(config_cls):
             if f.name not in seen:
                 seen.add(f.name)
-                parser.add_argument(_flag(f.name), default=None, help=f"{method.name} option")
+                add_config_flag(parser, f, method_hints[f.name], help_prefix=f"{method.name} option: ")
 
 
 def train_config_from_args(args: argparse.Namespace):
@@ -205,8 +227,8 @@ def train_config_from_args(args: argparse.Namespace):
     import tomllib
 
     from studio import registry
-    from studio.trainers.base import TrainConfig
-    from studio.trainers.options import config_from_options
+    from studio.options import config_from_options, flag
+    from studio.trainers.base import TrainConfig, check_text_encoder_options
 
     values: dict = {}
     if args.config_file:
@@ -223,11 +245,17 @@ def train_config_from_args(args: argparse.Namespace):
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     method_fields = {f.name for f in dataclasses.fields(type(method.trainer.default_config({})))}
     options = {k: v for k, v in values.items() if k in method_fields}
-    other = {k for k in values if k not in train_fields and k not in method_fields and k not in ("device", "dtype", "xformers")}
+    other = sorted(k for k in values if k not in train_fields | method_fields | {"device", "dtype", "xformers"})
     if other:
-        raise StudioError(f"unknown option(s) {sorted(other)} for method {method.name}")
+        owners = [m.name for m in registry.METHODS.values()
+                  if other[0] in {f.name for f in dataclasses.fields(type(m.trainer.default_config({})))}]
+        where = f"an option of --method {' / '.join(owners)}" if owners else "not an option of studio train"
+        raise StudioError(f"{flag(other[0])} is {where}, not of --method {method.name}: "
+                          f"choose that method or drop {flag(other[0])}")
     config = config_from_options(TrainConfig, {k: v for k, v in values.items() if k in train_fields})
     config.method_options = options
+    method.trainer.default_config(options)  # each method option converted and range-checked, like the loop's
+    check_text_encoder_options(config, method.adapter)
     return config
 
 
@@ -261,8 +289,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from studio.artifact import read_header
-    from studio.convert import (from_kohya, from_lycoris, is_lycoris_file, is_studio_file, lycoris_form, peft_form, to_kohya,
-                                to_lycoris, to_peft)
+    from studio.convert import (
+        from_kohya,
+        from_lycoris,
+        is_lycoris_file,
+        is_studio_file,
+        lycoris_form,
+        peft_form,
+        to_kohya,
+        to_lycoris,
+        to_peft,
+    )
 
     source = Path(args.file)
     if args.to == "peft":
@@ -317,20 +354,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="studio", description="Diffusion Studio: customize and edit diffusion models.")
+    parser = OneLineParser(prog="studio", description="Diffusion Studio: customize and edit diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("sample", help="generate images from prompts")
     p.add_argument("prompts", nargs="*", help="one or more prompts")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds; each prompt is drawn once per seed")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--seed", nargs="+", default=["0"], help="one or more seeds (whole numbers >= 0); each prompt is drawn once per seed")
+    p.add_argument("--steps", default=None, help="denoising steps, 1 to 1000 (default 20)")
+    p.add_argument("--guidance-scale", default=None, help="classifier-free guidance, 0 to 100 (default 5)")
     p.add_argument("--scheduler", default=None, help=f"one of: {', '.join(SCHEDULERS)} (default: the model's own)")
-    p.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the model's training size)")
-    p.add_argument("--height", type=int, default=None, help="multiple of 8 (default: the model's training size)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--width", default=None, help="multiple of 8 (default: the model's training size)")
+    p.add_argument("--height", default=None, help="multiple of 8 (default: the model's training size)")
+    p.add_argument("--batch-size", default=None, help="images per pipeline call (default 8)")
     p.add_argument("--output-dir", default=None, help="default outputs/samples/<time>")
     p.add_argument("--adapter", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a studio artifact at a scale (repeatable; they compose in order)")
@@ -433,9 +470,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_command(argv: list[str]) -> None:
+    """Parse a `studio` command line and check every option as running it would, without running it:
+    the web app calls this before it creates a job, so the page refuses what the CLI refuses, alike.
+
+    Example:
+        >>> check_command(["train", "--max-train-steps", "-10"])
+        Traceback (most recent call last):
+        studio.errors.StudioError: --max-train-steps -10: must be a whole number >= 1 and <= 10000000
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(join_negative_values(argv))
+    except SystemExit:  # a usage error: the command was built wrongly
+        raise StudioError(f"not a valid studio command: {' '.join(argv)}") from None
+    if args.command == "train":
+        train_config_from_args(args)
+    elif args.command == "sample":
+        sample_settings_from_args(args, args.prompts)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors in one line (like every other bad input), exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        if re.search(r"unrecognized arguments: (true|false|yes|no)\b", message, re.IGNORECASE):
+            message += "; yes/no options are switches: --NAME or --no-NAME, with no value"
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """`--flag -1e-4` -> `--flag=-1e-4`: argparse takes a negative number in exponent form for a flag, so
+    the range check, not a usage error, answers it.
+
+    Example:
+        >>> join_negative_values(["train", "--learning-rate", "-1e-4", "--seed", "3"])
+        ['train', '--learning-rate=-1e-4', '--seed', '3']
+    """
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and NEGATIVE_NUMBER.fullmatch(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-(inf|nan)", re.IGNORECASE)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `studio` console script."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else list(argv)))
+    except SystemExit as done:  # --help (0) or a usage error (2, its line already printed)
+        return int(done.code or 0)
     try:
         return args.func(args)
     except StudioError as err:

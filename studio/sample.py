@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from studio.errors import StudioError
+from studio.options import FLAG_KEY, RANGE_KEY, Range, check_options, ranged
 from studio.pipeline import SCHEDULERS, default_size, set_scheduler
 
 
@@ -28,30 +29,28 @@ class SampleSettings:
     """Everything that decides the pixels; written next to them as settings.json."""
 
     prompts: list[str]
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={RANGE_KEY: Range(0, 2**32 - 1), FLAG_KEY: "--seed"})
     negative_prompt: str = ""
-    steps: int = 20
-    guidance_scale: float = 5.0
+    steps: int = ranged(20, 1, 1000)
+    guidance_scale: float = ranged(5.0, 0, 100)
     scheduler: str | None = None
-    width: int | None = None
-    height: int | None = None
-    batch_size: int = 8
+    width: int | None = ranged(None, 8, 4096, multiple_of=8)  # default: the model's training size
+    height: int | None = ranged(None, 8, 4096, multiple_of=8)
+    batch_size: int = ranged(8, 1, 1024)
 
     def validate(self) -> None:
-        if not self.prompts or any(not isinstance(p, str) for p in self.prompts):
+        """Refuse, in one line naming the option, any setting out of its range; nothing is loaded or written.
+
+        Example:
+            >>> SampleSettings(prompts=["a red circle"], steps=-5).validate()
+            Traceback (most recent call last):
+            studio.errors.StudioError: --steps -5: must be a whole number >= 1 and <= 1000
+        """
+        if not self.prompts or any(not isinstance(p, str) or not p.strip() for p in self.prompts):
             raise StudioError("no prompt given: pass at least one prompt, or --prompts-file with one prompt per line")
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if value is not None and (value <= 0 or value % 8):
-                raise StudioError(
-                    f"{name} {value} is not a positive multiple of 8; use e.g. {max(8, (value // 8) * 8)} or {max(8, (value // 8 + 1) * 8)}"
-                )
-        if self.steps < 1:
-            raise StudioError(f"steps must be at least 1 (got {self.steps})")
-        if self.batch_size < 1:
-            raise StudioError(f"batch size must be at least 1 (got {self.batch_size})")
+        check_options(self)
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
-            raise StudioError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+            raise StudioError(f"--scheduler {self.scheduler!r}: must be one of {', '.join(SCHEDULERS)}")
 
 
 @dataclass

@@ -78,10 +78,13 @@ def test_form_fields_become_the_cli_flags():
     assert common["mixed_precision"].argv("no") == []
     assert lora["target_modules"].argv("to_q, to_v") == ["--target-modules", "to_q,to_v"]
     assert lora["target_modules"].argv("to_q,to_k,to_v,to_out.0") == []
-    with pytest.raises(StudioError, match="max_train_steps must be a whole number"):
-        common["max_train_steps"].argv("ten")
-    # What the form produces, `studio train` reads back to the same config.
-    from studio.cli import build_parser, train_config_from_args
+    assert common["max_train_steps"].argv(1.5) == ["--max-train-steps", "1.5"]  # not rounded: refused below
+    # What the form produces, `studio train` reads back to the same config, and refuses alike.
+    from studio.cli import build_parser, check_command, train_config_from_args
+
+    for bad in (common["max_train_steps"].argv("ten"), common["max_train_steps"].argv(1.5)):
+        with pytest.raises(StudioError, match="--max-train-steps .*: must be a whole number from 1 to"):
+            check_command(["train", "--data", "shapesworld:shape=star", *bad])
 
     argv = ["train", "--method", "lora", "--data", "shapesworld:shape=star"]
     argv += common["max_train_steps"].argv(20) + common["gradient_checkpointing"].argv(True) + common["mixed_precision"].argv("bf16")
@@ -89,7 +92,7 @@ def test_form_fields_become_the_cli_flags():
     config = train_config_from_args(build_parser().parse_args(argv))
     assert (config.max_train_steps, config.gradient_checkpointing, config.snr_gamma) == (20, True, 5.0)
     assert config.mixed_precision == "bf16"
-    from studio.trainers.options import config_from_options
+    from studio.options import config_from_options
 
     with pytest.raises(StudioError, match="must be one of no, fp16, bf16"):  # a TOML file can't pass a bad value either
         config_from_options(TrainConfig, {"mixed_precision": "fp8"})

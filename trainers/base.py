@@ -1,7 +1,7 @@
 """The one training loop every adapter method runs on (accelerate).
 
-Read top to bottom: load the base pipeline, load and bucket the data, cache
-latents and text embeddings once, let the method wrap its layers, then a plain
+Read top to bottom: load the base pipeline, let the method wrap its layers, load
+and bucket the data, cache latents and text embeddings once, then a plain
 loop of noise -> predict -> loss -> step, with checkpoints, validation samples
 and the artifact written at the end.
 
@@ -43,6 +43,7 @@ from studio import registry
 from studio.artifact import TRIGGER_WORDS_KEY, fingerprint, save_artifact
 from studio.data import Dataset, bucket_batches, load_dataset
 from studio.errors import StudioError
+from studio.options import check_options, ranged
 from studio.pipeline import TOY_MODEL, default_size, load
 
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)")
@@ -56,29 +57,29 @@ class TrainConfig:
     model: str = "toy"
     data: str = ""
     output_dir: str = "outputs/train"
-    resolution: int | None = None  # default: the model's own training size
-    train_batch_size: int = 4
-    learning_rate: float = 1e-4
-    max_train_steps: int = 500
-    seed: int = 0
+    resolution: int | None = ranged(None, 8, 4096, multiple_of=8)  # default: the model's own training size
+    train_batch_size: int = ranged(4, 1, 1024)
+    learning_rate: float = ranged(1e-4, 0, 1, low_open=True)
+    max_train_steps: int = ranged(500, 1, 10_000_000)
+    seed: int = ranged(0, 0, 2**32 - 1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = ranged(1, 1, 1024)
     gradient_checkpointing: bool = False
-    checkpointing_steps: int = 0  # 0: only the final artifact
+    checkpointing_steps: int = ranged(0, 0)  # 0: only the final artifact
     resume: str | None = None  # "latest" or a checkpoint folder
     validation_prompt: str | None = None
-    validation_steps: int = 0
-    snr_gamma: float | None = None  # min-SNR weighting (Hang et al. 2023); 5.0 is the usual value
-    noise_offset: float = 0.0
-    caption_dropout: float = 0.0
+    validation_steps: int = ranged(0, 0)
+    snr_gamma: float | None = ranged(None, 0, low_open=True)  # min-SNR weighting (Hang et al. 2023); 5.0 is the usual value
+    noise_offset: float = ranged(0.0, 0, 1)
+    caption_dropout: float = ranged(0.0, 0, 1, high_open=True)  # 1 would never show a caption
     default_caption: str | None = None
     trigger: str | None = None
-    repeats: int = 1
+    repeats: int = ranged(1, 1, 1000)
     prior_data: str = ""  # prior preservation (DreamBooth): a second dataset the model must keep drawing
-    prior_loss_weight: float = 1.0
+    prior_loss_weight: float = ranged(1.0, 0)
     cache_dir: str | None = None  # encoded latents and captions, reused across runs; default <output_dir>/cache
     train_text_encoder: bool = False  # LoRA on the text encoder(s) too (both on SDXL); captions encoded every step
-    text_encoder_lr: float | None = None  # the text encoders' learning rate; default: learning_rate
+    text_encoder_lr: float | None = ranged(None, 0, 1, low_open=True)  # the text encoders' learning rate; default: learning_rate
     method_options: dict = field(default_factory=dict)
 
 
@@ -281,8 +282,10 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
     method = registry.get(config.method)
     trainer = method.trainer
     adapter = method.adapter
+    check_options(config)  # every option in its declared range (the CLI, TOML and page checked already)
     check_text_encoder_options(config, adapter)
     method_config = method_config or trainer.default_config(config.method_options)
+    check_options(method_config)
     output_dir = Path(config.output_dir)
     if not config.data:
         raise StudioError("no training data: pass --data DIR (images + .txt captions) or --data shapesworld:SPEC")
@@ -299,21 +302,12 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
     )
     torch.manual_seed(config.seed)
 
-    # 1. The base model, frozen, and the data, cached once.
+    # 1. The base model, frozen. The method wraps its layers first: options that depend on the model
+    # (a block size against a layer's width) fail here, before anything is written. Only the method's
+    # parameters train; with train_text_encoder, the text encoders' too, at their own learning rate, in
+    # train mode (their gradient checkpointing needs it).
     pipe = load(config.model, device=str(accelerator.device), dtype="fp32")
     pipe.set_progress_bar_config(disable=True)
-    resolution = config.resolution or default_size(pipe)[0]
-    dataset = load_dataset(config.data, resolution, config.default_caption, config.trigger, config.repeats,
-                           multiple=pipe.vae_scale_factor * 2)
-    cache_dir = Path(config.cache_dir) if config.cache_dir else output_dir / "cache"
-    cached = [cache_examples(pipe, dataset, cache_dir, config.model)]
-    if config.prior_data:
-        prior = load_dataset(config.prior_data, resolution, multiple=pipe.vae_scale_factor * 2)
-        cached.append(cache_examples(pipe, prior, cache_dir, config.model))
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-
-    # 2. The method wraps its layers; only its parameters train. With train_text_encoder, the text
-    # encoders' too, at their own learning rate, in train mode (their gradient checkpointing needs it).
     unet = pipe.unet
     names = adapter.inject(unet, method_config)
     base_fingerprint = fingerprint(unet, names)
@@ -326,6 +320,18 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
             text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+
+    # 2. The data, encoded once (the wrapped layers are the identity until they train).
+    resolution = config.resolution or default_size(pipe)[0]
+    dataset = load_dataset(config.data, resolution, config.default_caption, config.trigger, config.repeats,
+                           multiple=pipe.vae_scale_factor * 2)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else output_dir / "cache"
+    cached = [cache_examples(pipe, dataset, cache_dir, config.model)]
+    if config.prior_data:
+        prior = load_dataset(config.prior_data, resolution, multiple=pipe.vae_scale_factor * 2)
+        cached.append(cache_examples(pipe, prior, cache_dir, config.model))
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
     params = [p for p in unet.parameters() if p.requires_grad]
     te_params = [p for text_encoder in text_encoders for p in text_encoder.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params + te_params)

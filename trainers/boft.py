@@ -8,7 +8,7 @@ Example:
 from __future__ import annotations
 
 from studio.adapters.boft import BOFTConfig
-from studio.trainers.options import config_from_options
+from studio.options import config_from_options
 
 WEIGHT_DECAY = 0.0
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from studio.adapters.sara import SaRAConfig, SaRALayer, nuclear_norm
-from studio.trainers.options import config_from_options
+from studio.options import config_from_options
 
 WEIGHT_DECAY = 0.0
 

@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
-
-from studio import registry
-from studio.errors import StudioError
-from studio.pipeline import SCHEDULERS, TOY_MODEL
-from studio.trainers.options import unwrap_optional
 from studio.ui import uploads
 from studio.ui.jobs import DONE, FINISHED, JobQueue
+
+from studio import registry
+from studio.cli import check_command
+from studio.errors import StudioError
+from studio.options import unwrap_optional
+from studio.pipeline import SCHEDULERS, TOY_MODEL
 
 # ShapesWorld datasets one click away (edit the spec in the page for others).
 SHAPESWORLD_PRESETS = {
@@ -88,8 +89,8 @@ class Field:
             return gr.Dropdown(list(typing.get_args(kind)), value=self.default, label=label)
         if kind in (int, float) and self.default is None:  # optional: empty means "not given"
             return gr.Textbox("", label=label, placeholder="default")
-        if kind in (int, float):
-            return gr.Number(value=self.default, label=label, precision=0 if kind is int else None)
+        if kind in (int, float):  # no rounding in the browser: 1.5 steps is refused, not made 2
+            return gr.Number(value=self.default, label=label)
         if typing.get_origin(kind) is list:
             return gr.Textbox(value=",".join(self.default), label=label + " (comma-separated)")
         return gr.Textbox(value=self.default or "", label=label)
@@ -101,20 +102,13 @@ class Field:
             return []
         if kind is bool:
             return [] if bool(value) == bool(self.default) else [self.flag if value else "--no-" + self.flag[2:]]
-        if kind is int:
+        if kind in (int, float):  # the number as typed (1.5 steps stays 1.5): `check_command` judges it
             try:
-                number = float(value)
+                value = _number_arg(value)
             except ValueError:
-                raise StudioError(f"{self.name} must be a whole number (got {value!r})") from None
-            if number != int(number):
-                raise StudioError(f"{self.name} must be a whole number (got {value})")
-            value = int(number)
-        elif kind is float:
-            try:
-                value = float(value)
-            except ValueError:
-                raise StudioError(f"{self.name} must be a number (got {value!r})") from None
-        elif typing.get_origin(kind) is list:
+                return [self.flag, str(value)]
+            return [] if float(value) == self.default else [self.flag, value]
+        if typing.get_origin(kind) is list:
             value = ",".join(part.strip() for part in str(value).split(",") if part.strip())
             if value == ",".join(self.default):
                 return []
@@ -237,6 +231,10 @@ class Studio:
             checked = uploads.check_dataset(files or [], self.upload_dir)  # before the job's folder exists
         option_argv = [arg for field, value in zip(every, values) if field.owner in ("common", method)
                        for arg in field.argv(value)]
+        # Every option checked as the CLI checks it, before the job (and its folder) exists; an upload's
+        # folder is made with the job, so a stand-in path is checked in its place.
+        check_command([self.tasks[kind].command, "--method", method, "--data", data if source == "ShapesWorld" else "upload",
+                       *self.model_argv(model_state), *option_argv])
         job = self.queue.create(self.tasks[kind].command, f"{method} on {_short(spec) if source == 'ShapesWorld' else 'upload'}")
         if source != "ShapesWorld":
             uploads.copy_dataset(checked, Path(job.folder) / "data")
@@ -365,27 +363,22 @@ class Studio:
                guidance: float, scheduler: str, width: float | None, height: float | None,
                progress: gr.Progress = gr.Progress()) -> tuple[list, str, str]:
         """Queue `studio sample ...` with the enabled artifacts at their scales, wait, return the images."""
-        from studio.sample import SampleSettings
-
         prompt_list = [line.strip() for line in (prompts or "").splitlines() if line.strip()]
-        try:
-            seed_list = [int(s) for s in re.split(r"[\s,]+", (seeds or "0").strip()) if s]
-        except ValueError:
-            raise StudioError(f"seeds must be whole numbers separated by spaces (got {seeds!r})") from None
+        seed_list = [s for s in re.split(r"[\s,]+", (seeds or "0").strip()) if s]  # checked with the rest below
         scheduler = None if scheduler in (None, "", "model default") else scheduler
-        size = {k: int(v) if v else None for k, v in (("width", width), ("height", height))}
-        SampleSettings(prompts=prompt_list, seeds=seed_list or [0], negative_prompt=negative or "", steps=int(steps),
-                       guidance_scale=float(guidance), scheduler=scheduler, **size).validate()
+        if not prompt_list:
+            raise StudioError("no prompt given: write at least one prompt (one per line)")
         adapter_argv = [arg for item in stack if item["enabled"]
                         for arg in ("--adapter", f"{uploads.inside(self.data_dir, item['path'])}:{item['scale']:g}")]
-        job = self.queue.create("sample", _short(prompt_list[0]) + (f" (+{len(prompt_list) - 1})" if len(prompt_list) > 1 else ""))
-        argv = ["sample", *prompt_list, "--seed", *map(str, seed_list or [0]), "--steps", str(int(steps)),
-                "--guidance-scale", str(float(guidance))]
+        argv = ["sample", *prompt_list, "--seed", *map(str, seed_list or [0]), "--steps", _number_arg(steps),
+                "--guidance-scale", _number_arg(guidance)]
         argv += ["--negative-prompt", negative] if negative else []
         argv += ["--scheduler", scheduler] if scheduler else []
-        argv += [arg for key, value in size.items() if value for arg in (f"--{key}", str(value))]
-        argv += [*adapter_argv, *self.model_argv(model_state), "--output-dir", str(job.out)]
-        self.queue.submit(job, argv)
+        argv += [arg for key, value in (("width", width), ("height", height)) if value for arg in (f"--{key}", _number_arg(value))]
+        argv += [*adapter_argv, *self.model_argv(model_state)]
+        check_command(argv)  # as the CLI checks it, before the job exists
+        job = self.queue.create("sample", _short(prompt_list[0]) + (f" (+{len(prompt_list) - 1})" if len(prompt_list) > 1 else ""))
+        self.queue.submit(job, argv + ["--output-dir", str(job.out)])
         while self.queue.get(job.id).status not in FINISHED:
             bar = self.queue.progress(job.id)
             if bar and bar[0] == "sampling":
@@ -428,6 +421,17 @@ def _vocabulary_text() -> str:
     return ("Any other word is ignored (you are told which), and so are word order, commas and capitals: "
             "*a photo of a red circle, high quality* draws a red circle. Trigger words of the artifacts on the "
             "stack (like *sks*) are fine.\n\n" + describe())
+
+
+def _number_arg(value) -> str:
+    """A form number as a CLI value: 20.0 -> "20" (a whole number stays whole; 1.5 stays 1.5, to be refused).
+
+    Example:
+        >>> _number_arg(20.0), _number_arg(2.5)
+        ('20', '2.5')
+    """
+    number = float(value)
+    return str(int(number)) if number.is_integer() else repr(number)
 
 
 def _short(text: str, length: int = 40) -> str:
