@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from pathlib import Path
 
@@ -35,6 +36,18 @@ SCHEDULERS = {
 }
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class _DropTorchvisionFallbackNotice(logging.Filter):
+    """transformers says, once per image-processor name diffusers imports, that torchvision is missing and it
+    falls back to the PIL processor: the fallback is what we use (the toy model ships a PIL processor), so the
+    notice is noise a user cannot act on, printed by every command."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionFallbackNotice())
 
 
 def assets_dir() -> Path:
@@ -136,7 +149,7 @@ def _load_single_file(path: Path, config: str | None, dtype: torch.dtype):
     else:
         raise StudioError(f"{path} is a file but not a .safetensors or .ckpt checkpoint")
     cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    kwargs = {"torch_dtype": dtype}
+    kwargs = {"dtype": dtype}
     if config:
         kwargs["config"] = config
     try:
@@ -178,7 +191,8 @@ def load(
             raise StudioError(f"{path} is a folder but not a diffusers pipeline (no model_index.json in it)")
         for weights in path.glob("*/*.safetensors"):
             check_safetensors(weights)
-        pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype)
+        _show_loading_bars(model != TOY_MODEL)  # the toy model loads in a blink; a real model's bars show progress
+        pipe = DiffusionPipeline.from_pretrained(str(path), dtype=torch_dtype)
     elif path.is_file():
         pipe = _load_single_file(path, config, torch_dtype)
     elif _looks_like_hub_id(model):
@@ -191,6 +205,15 @@ def load(
     if xformers:
         enable_xformers(pipe, torch_device)
     return pipe
+
+
+def _show_loading_bars(show: bool) -> None:
+    """Turn diffusers' and transformers' loading bars on or off."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        (library.enable_progress_bar if show else library.disable_progress_bar)()
 
 
 def unet_skeleton(model: str = TOY_MODEL, config: str | None = None):
@@ -226,7 +249,7 @@ def _load_from_hub(model_id: str, dtype: torch.dtype):
     from diffusers import DiffusionPipeline
 
     try:
-        return DiffusionPipeline.from_pretrained(model_id, torch_dtype=dtype)
+        return DiffusionPipeline.from_pretrained(model_id, dtype=dtype)
     except Exception as err:  # noqa: BLE001 - hub errors come in many types; all mean the same here
         raise StudioError(
             f"could not load hub id {model_id!r} ({type(err).__name__}). If this machine is offline, "

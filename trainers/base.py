@@ -351,8 +351,14 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
         if saved_models and saved_models != 1 + len(text_encoders):  # the UNet, then each trained text encoder
             raise StudioError(f"{checkpoint} was saved {'with' if saved_models > 1 else 'without'} --train-text-encoder; "
                               "resume with the setting it was started with")
-        accelerator.load_state(str(checkpoint))
+        if not CHECKPOINT_PATTERN.fullmatch(checkpoint.name):
+            raise StudioError(f"--resume {config.resume}: not a checkpoint folder (they are named step-N, in "
+                              f"{output_dir / 'checkpoints'}); pass one of those, or --resume latest")
         start_step = int(CHECKPOINT_PATTERN.fullmatch(checkpoint.name).group(1))
+        if start_step >= config.max_train_steps:  # a run that trains nothing never ends "done"
+            raise StudioError(f"{checkpoint} is at step {start_step}, and --max-train-steps is {config.max_train_steps}: "
+                              "nothing left to train; raise --max-train-steps to train further")
+        accelerator.load_state(str(checkpoint))
     accelerator.init_trackers("studio", config={k: str(v) for k, v in asdict(config).items()})
 
     # 3. The loop. SIGTERM/SIGINT ask it to stop after the current step: it saves a checkpoint
