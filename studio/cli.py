@@ -19,7 +19,7 @@ import time
 import typing
 from pathlib import Path
 
-from studio.errors import StudioError
+from studio.errors import StudioError, TrainingStopped
 from studio.pipeline import SCHEDULERS, TOY_MODEL
 
 
@@ -79,7 +79,7 @@ def sample_settings_from_args(args: argparse.Namespace, prompts: list[str]):
         >>> args = build_parser().parse_args(["sample", "a red circle", "--steps", "-5"])
         >>> sample_settings_from_args(args, args.prompts)
         Traceback (most recent call last):
-        studio.errors.StudioError: --steps -5: must be a whole number >= 1 and <= 1000
+        studio.errors.StudioError: --steps -5: must be a whole number from 1 to 1000
     """
     from studio.options import config_from_options
     from studio.sample import SampleSettings
@@ -477,7 +477,7 @@ def check_command(argv: list[str]) -> None:
     Example:
         >>> check_command(["train", "--max-train-steps", "-10"])
         Traceback (most recent call last):
-        studio.errors.StudioError: --max-train-steps -10: must be a whole number >= 1 and <= 10000000
+        studio.errors.StudioError: --max-train-steps -10: must be a whole number from 1 to 10000000
     """
     parser = build_parser()
     try:
@@ -527,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(done.code or 0)
     try:
         return args.func(args)
+    except TrainingStopped as stopped:  # asked for (Ctrl-C, SIGTERM, the page's Stop): not an error
+        print(stopped, file=sys.stderr)
+        return 130
     except StudioError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

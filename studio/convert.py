@@ -32,7 +32,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from studio import registry
-from studio.artifact import METHOD_KEY, ArtifactHeader, fingerprint, read_header, save_artifact
+from studio.artifact import (
+    METHOD_KEY,
+    ArtifactHeader,
+    fingerprint,
+    read_header,
+    save_artifact,
+)
 from studio.errors import StudioError
 from studio.orthogonal import cayley, skew_symmetric
 from studio.pipeline import check_safetensors

@@ -11,3 +11,8 @@ Example:
 
 class StudioError(Exception):
     """A problem with the user's input, worded for the user."""
+
+
+class TrainingStopped(StudioError):
+    """A training run was asked to stop (Ctrl-C, SIGTERM, the page's Stop) and saved a checkpoint to resume
+    from: not an error (the CLI prints it without "error:", exit status 130)."""

@@ -205,7 +205,7 @@ def check_options(config) -> None:
         >>> from studio.trainers.base import TrainConfig
         >>> check_options(TrainConfig(max_train_steps=0))
         Traceback (most recent call last):
-        studio.errors.StudioError: --max-train-steps 0: must be a whole number >= 1 and <= 10000000
+        studio.errors.StudioError: --max-train-steps 0: must be a whole number from 1 to 10000000
     """
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):

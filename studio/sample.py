@@ -44,7 +44,7 @@ class SampleSettings:
         Example:
             >>> SampleSettings(prompts=["a red circle"], steps=-5).validate()
             Traceback (most recent call last):
-            studio.errors.StudioError: --steps -5: must be a whole number >= 1 and <= 1000
+            studio.errors.StudioError: --steps -5: must be a whole number from 1 to 1000
         """
         if not self.prompts or any(not isinstance(p, str) or not p.strip() for p in self.prompts):
             raise StudioError("no prompt given: pass at least one prompt, or --prompts-file with one prompt per line")

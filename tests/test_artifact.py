@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from studio.artifact import check_fingerprint, fingerprint, load_artifact, read_header, save_artifact
+from studio.artifact import (
+    check_fingerprint,
+    fingerprint,
+    load_artifact,
+    read_header,
+    save_artifact,
+)
 from studio.errors import StudioError
 
 

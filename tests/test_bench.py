@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from studio.bench.stats import bootstrap_median_ci
-from studio.bench.train_step import ci_notes, collect_rounds, goals, paired_ratio, summarize_times
+from studio.bench.train_step import (
+    ci_notes,
+    collect_rounds,
+    goals,
+    paired_ratio,
+    summarize_times,
+)
 from studio.cli import main
 from studio.errors import StudioError
 

@@ -5,9 +5,9 @@ from dataclasses import asdict
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from studio.adapters import lora
 
 from studio import plugin
-from studio.adapters import lora
 from studio.artifact import fingerprint, read_header, save_artifact
 from studio.cli import main
 from studio.convert import from_kohya, to_kohya

@@ -18,7 +18,14 @@ from safetensors.torch import load_file, save_file
 from studio import plugin, registry
 from studio.artifact import fingerprint, read_header, save_artifact
 from studio.cli import main
-from studio.convert import from_lycoris, is_lycoris_file, merge_butterfly, peft_form, to_lycoris, to_peft
+from studio.convert import (
+    from_lycoris,
+    is_lycoris_file,
+    merge_butterfly,
+    peft_form,
+    to_lycoris,
+    to_peft,
+)
 from studio.errors import StudioError
 from studio.testing import perturb_trainable, tiny_sd_pipeline
 

@@ -1,12 +1,13 @@
 """The app's job queue (`studio.ui.jobs`) and its form-to-flags mapping, without a browser."""
 
 import json
+import re
 import time
 
 import pytest
+from studio.ui.jobs import DONE, FAILED, QUEUED, RUNNING, STOPPED, JobQueue
 
 from studio.errors import StudioError
-from studio.ui.jobs import DONE, FAILED, QUEUED, RUNNING, STOPPED, JobQueue
 
 
 def test_jobs_run_in_their_own_folders_and_survive_a_restart(tmp_path, toy_artifact):
@@ -42,7 +43,8 @@ def test_shutdown_stops_running_training_with_a_checkpoint(tmp_path):
         assert time.time() < deadline and queue.get(job.id).status in (QUEUED, RUNNING), queue.log_tail(job.id)
         time.sleep(0.2)
     queue.shutdown()
-    assert queue.get(job.id).status == STOPPED and "continue with --resume latest" in queue.get(job.id).message
+    assert queue.get(job.id).status == STOPPED
+    assert re.fullmatch(r"stopped at step \d+ of 5000 — Resume continues from there", queue.get(job.id).message)
     assert len(list((job.out / "checkpoints").glob("step-*"))) == 1
     assert json.loads((tmp_path / "data" / "jobs" / job.id / "job.json").read_text())["status"] == STOPPED
 

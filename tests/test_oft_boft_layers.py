@@ -2,10 +2,10 @@ import copy
 
 import pytest
 import torch
-from torch import nn
-
 from studio.adapters.boft import BOFTConfig, BOFTLayer, factor_rotations
 from studio.adapters.oft import OFTConfig, OFTLayer, project_coft, rotations
+from torch import nn
+
 from studio.errors import StudioError
 from studio.orthogonal import skew_symmetric
 

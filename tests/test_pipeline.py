@@ -8,7 +8,6 @@ from studio.errors import StudioError
 from studio.pipeline import check_safetensors, load, toy_model_path
 from studio.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
-
 REPO = Path(__file__).resolve().parents[1]
 
 

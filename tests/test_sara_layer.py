@@ -1,9 +1,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from studio.adapters.sara import SaRAConfig, SaRALayer, nuclear_norm, smallest_indices
 from torch import nn
 
-from studio.adapters.sara import SaRAConfig, SaRALayer, nuclear_norm, smallest_indices
 from studio.errors import StudioError
 
 CASES = [

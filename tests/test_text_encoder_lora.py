@@ -6,16 +6,16 @@ from dataclasses import asdict
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from studio.adapters import lora
+from studio.trainers.base import LiveText, TrainConfig, text_encoder_names, train
 
 from studio import plugin
-from studio.adapters import lora
 from studio.artifact import fingerprint, read_header, save_artifact
 from studio.cli import build_parser, main, train_config_from_args
 from studio.convert import from_kohya, to_kohya
 from studio.errors import StudioError
 from studio.pipeline import load
 from studio.testing import perturb_trainable, tiny_sd_pipeline, tiny_sdxl_pipeline
-from studio.trainers.base import LiveText, TrainConfig, text_encoder_names, train
 
 STAR = "shapesworld:shape=star,count=4,colors=red|blue,caption=a {color} sks"
 PROMPT = "a red sks"

@@ -3,13 +3,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from studio.trainers.base import TrainConfig, train
 
 from studio import plugin
 from studio.artifact import read_header
 from studio.cli import main
 from studio.errors import StudioError
 from studio.pipeline import load
-from studio.trainers.base import TrainConfig, train
 
 STAR = "shapesworld:shape=star,count=4,colors=red|blue,caption=a {color} sks"
 

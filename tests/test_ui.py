@@ -2,6 +2,7 @@
 train a LoRA on the toy model, watch it, sample with it; and every upload check."""
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def test_stop_and_resume(studio_server):
         time.sleep(0.5)
     client.predict(job_id, api_name="/stop_train")
     status = watch(client, job_id)[0]
-    assert "**stopped**" in status and "continue with --resume latest" in status
+    assert "**stopped**" in status and re.search(r"stopped at step \d+ of 400 — Resume continues from there", status)
     checkpoints = list((root / "data" / "jobs" / job_id / "out" / "checkpoints").glob("step-*"))
     assert len(checkpoints) == 1
     stopped_at = int(checkpoints[0].name[5:])
@@ -189,9 +190,9 @@ def test_upload_checks(studio_server, tmp_path):
         lambda: client.predict(str(root / "data" / ".." / "server.log"), api_name="/add_artifact"))
 
     # An artifact made on another base model (a layer the toy UNet has with another shape).
-    from studio.artifact import save_artifact
-
     import torch
+
+    from studio.artifact import save_artifact
 
     other = tmp_path / "other.safetensors"
     layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"

@@ -29,7 +29,7 @@ import re
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from studio import registry
 from studio.artifact import TRIGGER_WORDS_KEY, fingerprint, save_artifact
 from studio.data import Dataset, bucket_batches, load_dataset
-from studio.errors import StudioError
+from studio.errors import StudioError, TrainingStopped
 from studio.options import check_options, ranged
 from studio.pipeline import TOY_MODEL, default_size, load
 
@@ -59,7 +59,7 @@ class TrainConfig:
     output_dir: str = "outputs/train"
     resolution: int | None = ranged(None, 8, 4096, multiple_of=8)  # default: the model's own training size
     train_batch_size: int = ranged(4, 1, 1024)
-    learning_rate: float = ranged(1e-4, 0, 1, low_open=True)
+    learning_rate: float | None = ranged(None, 0, 1, low_open=True)  # default: the method's (`recommended_learning_rate`)
     max_train_steps: int = ranged(500, 1, 10_000_000)
     seed: int = ranged(0, 0, 2**32 - 1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -67,8 +67,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     checkpointing_steps: int = ranged(0, 0)  # 0: only the final artifact
     resume: str | None = None  # "latest" or a checkpoint folder
-    validation_prompt: str | None = None
-    validation_steps: int = ranged(0, 0)
+    validation_prompt: str | None = None  # default: the first training caption
+    validation_steps: int | None = ranged(None, 0)  # default: every quarter of a run of >= 100 steps; 0: none
     snr_gamma: float | None = ranged(None, 0, low_open=True)  # min-SNR weighting (Hang et al. 2023); 5.0 is the usual value
     noise_offset: float = ranged(0.0, 0, 1)
     caption_dropout: float = ranged(0.0, 0, 1, high_open=True)  # 1 would never show a caption
@@ -81,6 +81,35 @@ class TrainConfig:
     train_text_encoder: bool = False  # LoRA on the text encoder(s) too (both on SDXL); captions encoded every step
     text_encoder_lr: float | None = ranged(None, 0, 1, low_open=True)  # the text encoders' learning rate; default: learning_rate
     method_options: dict = field(default_factory=dict)
+
+
+VALIDATION_MIN_STEPS = 100  # runs this long validate by default (4 times); shorter ones are tests, not watched
+
+
+def recommended_learning_rate(method: str, model: str) -> float:
+    """The method's default learning rate: its toy-model rate on the toy model, its general one elsewhere.
+
+    Example:
+        >>> recommended_learning_rate("lora", "toy"), recommended_learning_rate("lora", "path/to/sd15")
+        (0.001, 0.0001)
+    """
+    trainer = registry.get(method).trainer
+    return trainer.TOY_LEARNING_RATE if model == TOY_MODEL else trainer.LEARNING_RATE
+
+
+def with_defaults(config: TrainConfig, first_caption: str) -> TrainConfig:
+    """`config` with the options left out (None) filled in: the method's learning rate, and validation with
+    the first training caption every quarter of the run (for runs of at least VALIDATION_MIN_STEPS steps).
+
+    Example:
+        >>> with_defaults(TrainConfig(max_train_steps=400), "a red sks").validation_steps
+        100
+    """
+    steps = config.validation_steps
+    if steps is None:
+        steps = config.max_train_steps // 4 if config.max_train_steps >= VALIDATION_MIN_STEPS else 0
+    return replace(config, learning_rate=config.learning_rate or recommended_learning_rate(config.method, config.model),
+                   validation_steps=steps, validation_prompt=config.validation_prompt or first_caption)
 
 
 @dataclass
@@ -174,7 +203,7 @@ class LiveText:
         >>> pipe = tiny_sd_pipeline()
         >>> text, pooled = LiveText(pipe, [pipe.text_encoder])(["a red sks"], "cpu")
         >>> tuple(text.shape), pooled
-        ((1, 32, 32), None)
+        ((1, 77, 32), None)
     """
 
     def __init__(self, pipe, text_encoders: list[torch.nn.Module]) -> None:
@@ -326,6 +355,7 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
     dataset = load_dataset(config.data, resolution, config.default_caption, config.trigger, config.repeats,
                            multiple=pipe.vae_scale_factor * 2)
     cache_dir = Path(config.cache_dir) if config.cache_dir else output_dir / "cache"
+    config = with_defaults(config, dataset.examples[0].caption)
     cached = [cache_examples(pipe, dataset, cache_dir, config.model)]
     if config.prior_data:
         prior = load_dataset(config.prior_data, resolution, multiple=pipe.vae_scale_factor * 2)
@@ -437,10 +467,6 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
              "seconds": round(time.time() - start, 2), "data": dataset.summary(), "config": asdict(config)}, indent=2))
     accelerator.end_training()
     return TrainResult(artifact, config.max_train_steps, time.time() - start, trainable, loss_value, dataset.summary())
-
-
-class TrainingStopped(StudioError):
-    """The run was asked to stop (SIGTERM/SIGINT) and saved a checkpoint to resume from."""
 
 
 class _StopRequest:

@@ -62,6 +62,14 @@ def _tasks() -> dict[str, Task]:
 
 # -- forms from config dataclasses ------------------------------------------------------
 
+BASIC_OPTIONS = ("max_train_steps", "learning_rate")  # shown first, beside dataset and method; the rest fold away
+DEFAULT_HINTS = {  # what an empty optional field means
+    "resolution": "the model's size",
+    "validation_steps": "every ¼ of a run of 100+ steps",
+    "snr_gamma": "off (5 is usual)",
+    "text_encoder_lr": "the learning rate",
+}
+
 
 @dataclass(frozen=True)
 class Field:
@@ -80,15 +88,18 @@ class Field:
     def base_type(self):
         return unwrap_optional(self.hint)
 
-    def component(self) -> gr.components.Component:
+    def component(self, value: typing.Any = None) -> gr.components.Component:
+        """The form field, showing `value` (default: the option's default)."""
         label = self.name.replace("_", " ")
         kind = self.base_type
+        if value is not None:
+            return gr.Textbox(str(value), label=label) if self.default is None else gr.Number(value=value, label=label)
         if kind is bool:
             return gr.Checkbox(value=self.default, label=label)
         if typing.get_origin(kind) is typing.Literal:
             return gr.Dropdown(list(typing.get_args(kind)), value=self.default, label=label)
         if kind in (int, float) and self.default is None:  # optional: empty means "not given"
-            return gr.Textbox("", label=label, placeholder="default")
+            return gr.Textbox("", label=label, placeholder=DEFAULT_HINTS.get(self.name, "default"))
         if kind in (int, float):  # no rounding in the browser: 1.5 steps is refused, not made 2
             return gr.Number(value=self.default, label=label)
         if typing.get_origin(kind) is list:
@@ -212,6 +223,12 @@ class Studio:
                       for m in registry.METHODS.values() if m.kind == kind}
         return common, per_method
 
+    def recommended_rate(self, method: str, model_state: dict) -> str:
+        """The method's default learning rate on the current model, as the form shows it."""
+        from studio.trainers.base import recommended_learning_rate
+
+        return f"{recommended_learning_rate(method, model_state['model']):g}"
+
     @shows_errors
     def start(self, kind: str, model_state: dict, method: str, source: str, spec: str, files: list | None,
               *values) -> tuple[dict, str]:
@@ -307,12 +324,35 @@ class Studio:
 
     def artifact_choices(self) -> list[tuple[str, str]]:
         """Artifacts of finished jobs and uploaded ones, newest first."""
-        choices = []
-        for job in self.queue.list():
-            if job.status == DONE:
-                choices += [(f"{p.name} · {job.title} · {job.id}", str(p)) for p in sorted(job.out.glob("*.safetensors"))]
-        choices += [(f"{p.name} · uploaded", str(p)) for p in sorted(self.artifact_dir.rglob("*.safetensors"))]
-        return choices
+        paths = [p for job in self.queue.list() if job.status == DONE for p in sorted(job.out.glob("*.safetensors"))]
+        paths += sorted(self.artifact_dir.rglob("*.safetensors"))
+        return [(self.artifact_label(p), str(p)) for p in paths]
+
+    def artifact_label(self, path: Path) -> str:
+        """What tells one artifact from another: job, method, data, steps and when it finished; an upload's
+        name. Never just `lora.safetensors`.
+
+        Example (a finished job's): `a1b2c3 · lora · star, 8 renders · 500 steps · Nov 25 14:02`
+        """
+        from studio.artifact import read_header
+
+        path = Path(path)
+        try:
+            method = read_header(path).method
+        except StudioError:
+            method = "?"
+        if not path.is_relative_to(self.data_dir / "jobs"):
+            return f"uploaded · {method} · {path.name}"
+        job_id = path.relative_to(self.data_dir / "jobs").parts[0]
+        parts = [job_id, method]
+        summary_file = path.parent / "summary.json"
+        if summary_file.is_file():
+            summary = json.loads(summary_file.read_text())
+            parts += [_data_label(summary["config"]["data"]), f"{summary['steps']} steps"]
+        ended = self.queue.get(job_id).ended
+        if ended:
+            parts.append(time.strftime("%b %d %H:%M", time.localtime(ended)))
+        return " · ".join(parts)
 
     @shows_errors
     def add_artifact(self, model_state: dict, stack: list[dict], layout: int, path: str | None) -> tuple[list, int, str]:
@@ -320,13 +360,12 @@ class Studio:
         if not path:
             raise StudioError("pick an artifact from the list (or upload one) first")
         resolved = uploads.inside(self.data_dir, path)
-        header = uploads.check_artifact(resolved, model_state["model"], model_state["model_config"])
-        return self._stack(stack, layout, resolved, header)
+        uploads.check_artifact(resolved, model_state["model"], model_state["model_config"])
+        return self._stack(stack, layout, resolved)
 
-    @staticmethod
-    def _stack(stack: list[dict], layout: int, path: Path, header) -> tuple[list, int, str]:
+    def _stack(self, stack: list[dict], layout: int, path: Path) -> tuple[list, int, str]:
         """The stack with a checked artifact added on top (on, at scale 1), the redraw counter, a message."""
-        item = {"path": str(path), "name": f"{header.method}: {path.name}", "scale": 1.0, "enabled": True}
+        item = {"path": str(path), "name": self.artifact_label(path), "scale": 1.0, "enabled": True}
         return stack + [item], layout + 1, f"added {item['name']}"
 
     @shows_errors
@@ -336,9 +375,9 @@ class Studio:
             raise StudioError("no file uploaded")
         upload = uploads.inside(self.upload_dir, file)
         digest = hashlib.sha256(upload.read_bytes()).hexdigest()[:8]  # two uploads named alike don't collide
-        target, header = uploads.import_artifact(upload, self.upload_dir, self.artifact_dir / digest,
+        target, _ = uploads.import_artifact(upload, self.upload_dir, self.artifact_dir / digest,
                                                  model_state["model"], model_state["model_config"])
-        stack, layout, message = self._stack(stack, layout, target, header)
+        stack, layout, message = self._stack(stack, layout, target)
         return stack, layout, message, gr.update(choices=self.artifact_choices())
 
     def prompt_note(self, model_state: dict, stack: list[dict], prompts: str, negative: str) -> str:
@@ -415,6 +454,26 @@ class Studio:
         return self.status_line(job_id), job.command, outputs[:200], self.queue.log_tail(job_id, 60)
 
 
+START_HERE = """### Start here
+The page starts on **ShapesWorld**, a toy text-to-image model shipped inside the studio (26 MB; it runs on
+a laptop CPU in seconds). It draws one shape on a 64×64 image from a short description: a shape (circle,
+square, triangle, cross, diamond), a colour, a texture (plain, striped, dotted, checkered), a size, a
+position and a background; every other word is ignored (the full list is below). Two shapes, **star** and
+**heart**, were kept out of its training on purpose: the model cannot draw them until you teach it one.
+
+Prompts that work: *a red striped circle* · *a small blue dotted square in the top left* ·
+*a green checkered triangle on a black background*.
+
+**sks** is a made-up word: the datasets on the Train tab caption their star (or heart) images *a red sks*,
+*a blue sks*, so an adapter trained on them ties the new shape to that word.
+
+What to do first: **1.** Compose & Sample: sample *a red striped circle* to see the model. **2.** Train: keep
+the star preset and press Start (LoRA, 500 steps, about 2 minutes here; validation images fill in as it goes).
+**3.** Compose & Sample: add the finished artifact to the stack and sample *a blue sks*: a star.
+To work on a real model, choose it below (a diffusers folder or a single-file checkpoint on this machine).
+"""
+
+
 def _vocabulary_text() -> str:
     from studio.toy.vocabulary import describe
 
@@ -432,6 +491,22 @@ def _number_arg(value) -> str:
     """
     number = float(value)
     return str(int(number)) if number.is_integer() else repr(number)
+
+
+def _data_label(data: str) -> str:
+    """A training set in a few words: its preset's name, a ShapesWorld shape and count, or an upload.
+
+    Example:
+        >>> _data_label("shapesworld:shape=star,count=8,caption=a {color} sks")
+        'star, 8 renders'
+    """
+    for name, spec in SHAPESWORLD_PRESETS.items():
+        if data == spec:
+            return name.split(", '")[0]
+    if data.startswith("shapesworld:"):
+        options = dict(part.partition("=")[::2] for part in data.removeprefix("shapesworld:").split(","))
+        return f"{options.get('shape', 'shapes')}, {options.get('count', '?')} renders"
+    return "uploaded images"
 
 
 def _short(text: str, length: int = 40) -> str:
@@ -453,7 +528,11 @@ def build_app(data_dir: str | Path, model: str = TOY_MODEL, model_config: str | 
         # draw the clicked tab's title twice in the tab bar.
         timer = gr.Timer(1.0)
         with gr.Tabs():
-            with gr.Tab("Model", id="model"):
+            with gr.Tab("Start here", id="model"):
+                gr.Markdown(START_HERE, elem_id="start-here")
+                with gr.Accordion("Words the toy model knows", open=False):
+                    gr.Markdown(_vocabulary_text())
+                gr.Markdown("### Base model")
                 model_info = gr.Markdown(studio.describe_model(initial_model))
                 source = gr.Radio(["toy model", "diffusers folder", "single-file checkpoint"], value="toy model",
                                   label="base model")
@@ -483,10 +562,23 @@ def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State, time
                 method = gr.Dropdown(methods, value=methods[0], label="method")
                 summary = gr.Markdown(registry.get(methods[0]).summary)
                 source = gr.Radio(["ShapesWorld", "upload"], value="ShapesWorld", label="dataset")
-                preset = gr.Dropdown(list(SHAPESWORLD_PRESETS), value=list(SHAPESWORLD_PRESETS)[0], label="ShapesWorld preset")
-                spec = gr.Textbox(SHAPESWORLD_PRESETS[list(SHAPESWORLD_PRESETS)[0]], label="ShapesWorld spec")
+                first_preset = next(iter(SHAPESWORLD_PRESETS))
+                preset = gr.Dropdown(list(SHAPESWORLD_PRESETS), value=first_preset, label="ShapesWorld preset")
+                spec = gr.Textbox(SHAPESWORLD_PRESETS[first_preset], label="ShapesWorld spec")
                 files = gr.File(file_count="multiple", label="images + .txt captions (same names)", visible=False,
                                 elem_id=f"{task.command}-upload")
+                by_name = {}
+                with gr.Row():
+                    for f in common:
+                        if f.name in BASIC_OPTIONS:  # the method's own rate, on the current model
+                            rate = studio.recommended_rate(methods[0], studio.default_model) if f.name == "learning_rate" else None
+                            by_name[f.name] = f.component(rate)
+            with gr.Column(scale=1), gr.Accordion("advanced options", open=False):
+                for row in range(0, len(common), 3):
+                    with gr.Row():
+                        for f in common[row:row + 3]:
+                            if f.name not in BASIC_OPTIONS:
+                                by_name[f.name] = f.component()
                 groups, inputs = [], []
                 for name, fields in per_method.items():
                     with gr.Group(visible=name == methods[0]) as group:
@@ -494,12 +586,7 @@ def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State, time
                         inputs_here = [f.component() for f in fields]
                     groups.append(group)
                     inputs.extend(inputs_here)
-            with gr.Column(scale=1):
-                with gr.Accordion("training options", open=True):
-                    common_inputs = []
-                    for row in range(0, len(common), 3):
-                        with gr.Row():
-                            common_inputs += [f.component() for f in common[row:row + 3]]
+                common_inputs = [by_name[f.name] for f in common]
         with gr.Row():
             start = gr.Button("Start", variant="primary")
             stop = gr.Button("Stop")
@@ -516,6 +603,9 @@ def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State, time
 
     method.change(lambda m: [registry.get(m).summary] + [gr.update(visible=n == m) for n in methods],
                   method, [summary, *groups], api_visibility="private")
+    if "learning_rate" in by_name:  # a method (or model) change brings that method's rate
+        for event in (method.change, model_state.change):
+            event(studio.recommended_rate, [method, model_state], by_name["learning_rate"], api_visibility="private")
     source.change(lambda s: [gr.update(visible=s == "ShapesWorld")] * 2 + [gr.update(visible=s == "upload")],
                   source, [preset, spec, files], api_visibility="private")
     preset.change(lambda p: SHAPESWORLD_PRESETS[p], preset, spec, api_visibility="private")
@@ -528,6 +618,9 @@ def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State, time
     tab.select(lambda job_id: gr.update(choices=studio.job_choices(task.command), value=job_id), job, job,
                api_visibility="private")  # jobs started from other pages too
     timer.tick(studio.watch, job, watched, show_progress="hidden", api_visibility="private")
+    # The picker's labels carry each job's status: they follow it (queued -> running -> done).
+    timer.tick(lambda: gr.update(choices=studio.job_choices(task.command)), None, job, show_progress="hidden",
+               api_visibility="private")
 
 
 def _sample_tab(studio: Studio, model_state: gr.State, tab: gr.Tab) -> None:

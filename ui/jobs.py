@@ -65,8 +65,12 @@ class Job:
 
     @property
     def command(self) -> str:
-        """The job as a shell command a CLI user can paste."""
-        return shlex.join(["studio", *self.argv])
+        """The job as a shell command a CLI user can paste. It writes to a folder of its own,
+        `outputs/<kind>/<job id>`, never into the job's folder in the app's data."""
+        argv = list(self.argv)
+        if "--output-dir" in argv:
+            argv[argv.index("--output-dir") + 1] = f"outputs/{self.kind}/{self.id}"
+        return shlex.join(["studio", *argv])
 
     def save(self) -> None:
         path = Path(self.folder) / "job.json"
@@ -232,15 +236,26 @@ class JobQueue:
             if code == 0:  # finished, even if a stop came too late
                 job.status, job.message = DONE, ""
             elif job.status == STOPPING:
-                job.status, job.message = STOPPED, self._last_line(job) or "stopped"
+                job.status, job.message = STOPPED, self._stopped_message(job)
             else:
-                job.status, job.message = FAILED, self._last_line(job) or f"exit status {code}"
+                job.status, job.message = FAILED, self._last_line(job).removeprefix("error: ") or f"exit status {code}"
             job.save()
 
     @staticmethod
     def _last_line(job: Job) -> str:
         lines = _tail_lines(job.log, 4000)
         return lines[-1].strip() if lines else ""
+
+    def _stopped_message(self, job: Job) -> str:
+        """A stopped training says where it stopped and that Resume continues; anything else, "stopped"
+        (never the progress-bar line it was drawing when the stop came)."""
+        found = STOPPED_AT.search(self._last_line(job))
+        if found:
+            return f"stopped at step {found[1]} of {found[2]} — Resume continues from there"
+        return "stopped"
+
+
+STOPPED_AT = re.compile(r"stopped at step (\d+) of (\d+)")  # the training loop's last line when stopped
 
 
 def _stop_orphan(pid: int | None) -> None:

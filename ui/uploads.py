@@ -32,7 +32,7 @@ def inside(root: str | Path, path: str | Path) -> Path:
     """`path` resolved (links and `..` followed), or a `StudioError` if that leaves `root`."""
     root, resolved = Path(root).resolve(), Path(path).resolve()
     if resolved != root and root not in resolved.parents:
-        raise StudioError(f"{path} is outside the app's data folder {root}")
+        raise StudioError(f"{Path(path).name} is outside the app's data folder; pick a file the page offers")
     return resolved
 
 
@@ -125,7 +125,10 @@ def check_artifact(path: str | Path, model: str, model_config: str | None = None
     path = Path(path)
     if path.suffix != ".safetensors":
         raise StudioError(f"{path.name} is not a .safetensors artifact")
-    header = read_header(path)
+    try:  # the messages name the file as the user knows it, never the server's (temporary upload) path
+        header = read_header(path)
+    except StudioError as err:
+        raise StudioError(str(err).replace(str(path), path.name)) from None
     if model_config or not Path(model).is_file():  # a single file without its config can't be checked here
         check_fingerprint(header.fingerprint, unet_skeleton(model, model_config), path.name)
     return header

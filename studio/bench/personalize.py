@@ -48,7 +48,12 @@ from pathlib import Path
 import numpy as np
 
 from studio import plugin, registry
-from studio.bench.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CI_LEVEL, two_level_bootstrap_ci
+from studio.bench.stats import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    CI_LEVEL,
+    two_level_bootstrap_ci,
+)
 from studio.errors import StudioError
 from studio.eval import load_evaluator, score
 from studio.pipeline import load
@@ -87,7 +92,8 @@ RECIPES: dict[str, dict] = {
 }
 # LoRA with text-encoder LoRA too (not in the default list); the text encoder at half the UNet's rate, kohya's usual ratio.
 RECIPES["lora-te"] = {**RECIPES["lora"], "method": "lora", "train_text_encoder": True, "text_encoder_lr": 5e-4}
-SHARED = {"max_train_steps": 1000, "train_batch_size": 4, "prior_data": PRIOR_DATA, "prior_loss_weight": 1.0}
+SHARED = {"max_train_steps": 1000, "train_batch_size": 4, "prior_data": PRIOR_DATA, "prior_loss_weight": 1.0,
+          "validation_steps": 0}  # no validation images: they would only add to train_seconds
 
 TRAIN_SEEDS = (0, 1)  # the scored runs' training seeds; the recipe sweep uses others (benchmarks/personalize_sweep.py)
 N_SEEDS = 64  # sampling seeds per colour: 4 x 64 = 256 fidelity samples, 2 x 64 = 128 composition samples per training seed

@@ -92,7 +92,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from studio import registry
-from studio.bench.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CI_LEVEL, bootstrap_median_ci
+from studio.bench.stats import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    CI_LEVEL,
+    bootstrap_median_ci,
+)
 from studio.errors import StudioError
 from studio.targets import ATTENTION_PROJECTIONS
 

@@ -21,7 +21,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from studio.toy.render import BACKGROUNDS, COLORS, COUNTS, POSITIONS, SHAPES, SIZES, TEXTURES
+from studio.toy.render import (
+    BACKGROUNDS,
+    COLORS,
+    COUNTS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    TEXTURES,
+)
 
 ATTRIBUTES: dict[str, list[str]] = {
     "shape": list(SHAPES),

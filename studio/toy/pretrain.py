@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from studio.errors import StudioError
-
 from studio.toy.captions import random_caption
 from studio.toy.evaluator import ATTRIBUTES, ShapesEvaluator
 from studio.toy.render import (
@@ -146,7 +145,14 @@ def train_tokenizer(captions: list[str], folder: Path, vocab_size: int = 2000, m
     Every byte symbol and its end-of-word form is in the vocab, so unseen words
     fall back to bytes instead of the unknown token.
     """
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import CLIPTokenizer
 
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
@@ -695,7 +701,12 @@ def stages_from_model(model: Path, evaluator: Path, work: Path) -> None:
     The mini-CLIP is put back together from the text and vision towers; its
     text projection, unused by every later stage, is left at its initial value.
     """
-    from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPConfig,
+        CLIPModel,
+        CLIPTextModel,
+        CLIPVisionModelWithProjection,
+    )
 
     if not (model / "unet" / "config.json").exists() or not (evaluator / "model.safetensors").exists():
         raise StudioError(f"--reuse-model {model}: expected a toy model folder (unet/, text_encoder/, ...) "
