@@ -91,9 +91,14 @@ def test_sample_with_the_trained_artifact(trained, studio_server):
                     width=None, height=None)
     message = client.predict(artifact, api_name="/add_artifact")
     assert "lora" in message
-    gallery, command, info = client.predict(*settings.values(), api_name="/sample")
+    gallery, command, info, download = client.predict(*settings.values(), api_name="/sample")
     with_adapter = _images(gallery)
     assert len(with_adapter) == 2 and with_adapter[0].shape == (32, 32, 3)
+    assert [item["caption"] for item in gallery] == ["a red sks · seed 0", "a red sks · seed 1"]
+    import zipfile
+
+    with zipfile.ZipFile(download["value"] if isinstance(download, dict) else download) as bundle:
+        assert {"0000-seed0.png", "0001-seed1.png", "grid.png", "settings.json"} <= set(bundle.namelist())
     assert f"--adapter {artifact}:1" in command and "--seed 0 1" in command
     assert all(image.std() > 5 for image in with_adapter)  # real pictures, not a flat colour
     # The same prompt and seeds on the base model (a fresh session has an empty stack) differ.

@@ -20,12 +20,13 @@ import json
 import re
 import time
 import typing
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 from studio.ui import uploads
-from studio.ui.jobs import DONE, FINISHED, JobQueue
+from studio.ui.jobs import DONE, FINISHED, STOPPED, JobQueue
 
 from studio import registry
 from studio.cli import check_command
@@ -167,6 +168,7 @@ class Studio:
         self.upload_dir = self.data_dir / "tmp"  # where the web server puts uploads (GRADIO_TEMP_DIR)
         self.artifact_dir = self.data_dir / "artifacts"  # uploaded artifacts, after their checks
         self.queue = JobQueue(self.data_dir, workers=workers)
+        self.sampling: dict[str | None, str] = {}  # browser session -> its sampling job (for Cancel)
         self.default_model = {"model": model, "model_config": model_config}
         self.tasks = {kind: task for kind, task in _tasks().items()
                       if any(m.kind == kind for m in registry.METHODS.values())}
@@ -229,37 +231,98 @@ class Studio:
 
         return f"{recommended_learning_rate(method, model_state['model']):g}"
 
-    @shows_errors
-    def start(self, kind: str, model_state: dict, method: str, source: str, spec: str, files: list | None,
-              *values) -> tuple[dict, str]:
-        """Queue `studio <command> --method M ...` from the form; returns the job picker and the command."""
+    def _form_argv(self, kind: str, model_state: dict, method: str, source: str, spec: str, values: tuple) -> list[str]:
+        """The form as a `studio <command>` line (data: the ShapesWorld spec, or "upload" standing in for the
+        uploaded folder), every option checked as the CLI checks it."""
         common, per_method = self.fields(kind)
         every = common + [f for fields in per_method.values() for f in fields]
         if len(values) != len(every):
             raise StudioError(f"the form sent {len(values)} option values, expected {len(every)}; reload the page")
         method = registry.get(method).name
+        data = "upload"
         if source == "ShapesWorld":
             from studio.data import parse_shapesworld_spec
 
             spec = (spec or "").strip()
             parse_shapesworld_spec(spec.removeprefix("shapesworld:"))  # a bad spec fails here, not in the job
             data = spec if spec.startswith("shapesworld:") else "shapesworld:" + spec
-        else:
-            checked = uploads.check_dataset(files or [], self.upload_dir)  # before the job's folder exists
         option_argv = [arg for field, value in zip(every, values) if field.owner in ("common", method)
                        for arg in field.argv(value)]
-        # Every option checked as the CLI checks it, before the job (and its folder) exists; an upload's
-        # folder is made with the job, so a stand-in path is checked in its place.
-        check_command([self.tasks[kind].command, "--method", method, "--data", data if source == "ShapesWorld" else "upload",
-                       *self.model_argv(model_state), *option_argv])
-        job = self.queue.create(self.tasks[kind].command, f"{method} on {_short(spec) if source == 'ShapesWorld' else 'upload'}")
+        argv = [self.tasks[kind].command, "--method", method, "--data", data, *self.model_argv(model_state), *option_argv]
+        check_command(argv)
+        return argv
+
+    @shows_errors
+    def start(self, kind: str, model_state: dict, method: str, source: str, spec: str, files: list | None,
+              *values) -> tuple[dict, str]:
+        """Queue `studio <command> --method M ...` from the form; returns the job picker and the command.
+        Everything is checked before the job (and its folder) exists."""
+        argv = self._form_argv(kind, model_state, method, source, spec, values)
+        if source != "ShapesWorld":
+            checked = uploads.check_dataset(files or [], self.upload_dir)
+        job = self.queue.create(self.tasks[kind].command, f"{argv[2]} on {_short(spec) if source == 'ShapesWorld' else 'upload'}")
         if source != "ShapesWorld":
             uploads.copy_dataset(checked, Path(job.folder) / "data")
-            data = str(Path(job.folder) / "data")
-        argv = [self.tasks[kind].command, "--method", method, "--data", data, *self.model_argv(model_state),
-                "--output-dir", str(job.out), *option_argv]
-        self.queue.submit(job, argv)
+            argv[argv.index("--data") + 1] = str(Path(job.folder) / "data")
+        self.queue.submit(job, argv + ["--output-dir", str(job.out)])
         return gr.update(choices=self.job_choices(self.tasks[kind].command), value=job.id), job.command
+
+    @shows_errors
+    def save_settings(self, kind: str, model_state: dict, method: str, source: str, spec: str, files: list | None,
+                      *values) -> str:
+        """The form as a TOML file (`studio train --config FILE` reads it; so does Load settings)."""
+        from studio.cli import build_parser, train_config_from_args
+
+        argv = self._form_argv(kind, model_state, method, source, spec, values)
+        config = train_config_from_args(build_parser().parse_args(argv))
+        defaults = type(config)()
+        chosen = {"method": config.method, "data": config.data}
+        chosen |= {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                   if f.name not in ("method", "data", "model", "output_dir", "method_options")
+                   and getattr(config, f.name) != getattr(defaults, f.name)}
+        method_config = registry.get(config.method).trainer.default_config(config.method_options)
+        chosen |= {name: getattr(method_config, name) for name in config.method_options}
+        folder = self.data_dir / "settings"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}.toml"
+        path.write_text("".join(f"{key} = {_toml_value(value)}\n" for key, value in chosen.items()))
+        return str(path)
+
+    def form_from_argv(self, kind: str, argv: list[str]) -> list:
+        """Form updates (method, dataset source, spec, then every option field) for a `studio <command>` line."""
+        from studio.cli import build_parser, join_negative_values, train_config_from_args
+
+        config = train_config_from_args(build_parser().parse_args(join_negative_values(argv)))
+        method_config = registry.get(config.method).trainer.default_config(config.method_options)
+        common, per_method = self.fields(kind)
+        shapes = config.data.startswith("shapesworld:")
+        updates = [config.method, "ShapesWorld" if shapes else "upload", config.data if shapes else gr.update()]
+        updates += [_form_value(f, getattr(config, f.name)) for f in common]
+        updates += [_form_value(f, getattr(method_config, f.name)) if name == config.method else gr.update()
+                    for name, fields in per_method.items() for f in fields]
+        return updates
+
+    @shows_errors
+    def load_job_settings(self, kind: str, job_id: str | None) -> list:
+        """The picked job's settings back in the form, to repeat or change the run."""
+        if not job_id:
+            raise StudioError("pick a job first")
+        argv = [a for a in self.queue.get(job_id).argv]
+        for flag in ("--output-dir", "--resume"):  # the new run gets its own folder and starts fresh
+            if flag in argv:
+                del argv[argv.index(flag):argv.index(flag) + 2]
+        return self.form_from_argv(kind, argv)
+
+    @shows_errors
+    def load_settings_file(self, kind: str, file: str | None) -> list:
+        """A TOML settings file (as `studio train --config` reads it) into the form."""
+        if not file:
+            raise StudioError("no file uploaded")
+        path = uploads.inside(self.upload_dir, file)
+        try:
+            return self.form_from_argv(kind, [self.tasks[kind].command, "--config", str(path)])
+        except StudioError as err:
+            raise StudioError(str(err).replace(str(path), Path(file).name)) from None
 
     @shows_errors
     def stop(self, job_id: str | None) -> str:
@@ -400,8 +463,9 @@ class Studio:
     @shows_errors
     def sample(self, model_state: dict, stack: list[dict], prompts: str, negative: str, seeds: str, steps: float,
                guidance: float, scheduler: str, width: float | None, height: float | None,
-               progress: gr.Progress = gr.Progress()) -> tuple[list, str, str]:
-        """Queue `studio sample ...` with the enabled artifacts at their scales, wait, return the images."""
+               request: gr.Request = None, progress: gr.Progress = gr.Progress()) -> tuple[list, str, str, dict]:
+        """Queue `studio sample ...` with the enabled artifacts at their scales, wait, return the images (each
+        captioned with its prompt and seed), the command, a note and a zip of them all."""
         prompt_list = [line.strip() for line in (prompts or "").splitlines() if line.strip()]
         seed_list = [s for s in re.split(r"[\s,]+", (seeds or "0").strip()) if s]  # checked with the rest below
         scheduler = None if scheduler in (None, "", "model default") else scheduler
@@ -416,23 +480,79 @@ class Studio:
         argv += [arg for key, value in (("width", width), ("height", height)) if value for arg in (f"--{key}", _number_arg(value))]
         argv += [*adapter_argv, *self.model_argv(model_state)]
         check_command(argv)  # as the CLI checks it, before the job exists
-        job = self.queue.create("sample", _short(prompt_list[0]) + (f" (+{len(prompt_list) - 1})" if len(prompt_list) > 1 else ""))
+        count = len(prompt_list) * len(seed_list or [0])
+        job = self.queue.create("sample", f"{_short(prompt_list[0])} · {count} image{'s' * (count != 1)}")
+        self.sampling[getattr(request, "session_hash", None)] = job.id  # what this browser's Cancel stops
         self.queue.submit(job, argv + ["--output-dir", str(job.out)])
         while self.queue.get(job.id).status not in FINISHED:
-            bar = self.queue.progress(job.id)
-            if bar and bar[0] == "sampling":
+            bar, ahead = self.queue.progress(job.id), self.queue.ahead_of(job.id)
+            if ahead:
+                progress(None, desc=f"queued behind {ahead} job{'s' * (ahead != 1)}")
+            elif bar and bar[0] == "sampling":
                 progress((bar[1], bar[2]), desc="sampling", unit="images")
             else:
                 progress(None, desc="loading the model")
             time.sleep(0.5)
         job = self.queue.get(job.id)
+        if job.status == STOPPED:
+            return [], job.command, f"stopped · job {job.id}", gr.update(visible=False)
         if job.status != DONE:
             raise StudioError(f"sampling {job.status}: {job.message or 'see its log in the Jobs tab'}")
-        images = [str(p) for p in sorted(job.out.glob("*.png")) if p.name != "grid.png"]
+        record = json.loads((job.out / "settings.json").read_text())
+        images = [(str(job.out / item["file"]), f"{item['prompt']} · seed {item['seed']}") for item in record["images"]]
+        archive = job.out / "images.zip"
+        with zipfile.ZipFile(archive, "w") as bundle:
+            for name in [item["file"] for item in record["images"]] + ["grid.png", "settings.json"]:
+                bundle.write(job.out / name, name)
         note = self.prompt_note(model_state, stack, prompts, negative)
-        return images, job.command, f"{len(images)} images · job {job.id}" + (f"\n\n{note}" if note else "")
+        info = f"{len(images)} images · job {job.id}" + (f"\n\n{note}" if note else "")
+        return images, job.command, info, gr.update(value=str(archive), visible=True)
+
+    @shows_errors
+    def cancel_sample(self, request: gr.Request = None) -> str:
+        """Stop this browser's running (or queued) sampling job."""
+        job_id = self.sampling.pop(getattr(request, "session_hash", None), None)
+        if job_id is None or self.queue.get(job_id).status in FINISHED:
+            return "nothing is sampling"
+        self.queue.stop(job_id)
+        return f"stopping job {job_id}"
+
+    # -- a browser's session, across reloads ----------------------------------------------
+
+    def remember(self, saved: dict, job_id: str | None, stack: list[dict], request: gr.Request = None) -> dict:
+        """What a reload brings back (the picked job, the stack), under this user's name."""
+        user = getattr(request, "username", None)
+        return {"user": user, "job": job_id if job_id else (saved or {}).get("job"), "stack": stack}
+
+    def restore(self, saved: dict, request: gr.Request = None) -> list:
+        """The saved job (in every picker) and stack, if they are this user's and still exist; else nothing."""
+        n_pickers = len(self.tasks) + 1
+        user = getattr(request, "username", None)
+        if not saved or saved.get("user") != user:
+            return [gr.update()] * n_pickers + [[], 0]
+        jobs = {j.id: j for j in self.queue.list()}
+        job = jobs.get(saved.get("job"))
+        kinds = [task.command for task in self.tasks.values()] + [None]  # the pickers: one per task tab, then Jobs
+        pickers = [gr.update(value=job.id) if job and kind in (None, job.kind) else gr.update() for kind in kinds]
+        stack = []
+        for item in saved.get("stack") or []:
+            try:
+                path = uploads.inside(self.data_dir, item["path"])
+            except (StudioError, KeyError, TypeError):
+                continue
+            if path.is_file():
+                stack.append({**item, "path": str(path)})
+        return pickers + [stack, 1]
 
     # -- Jobs ----------------------------------------------------------------------------
+
+    @shows_errors
+    def delete_job(self, job_id: str | None) -> tuple[dict, str]:
+        """Delete the picked job and its folder (the page asks to confirm first)."""
+        if not job_id:
+            raise StudioError("pick a job first")
+        self.queue.delete(job_id)
+        return gr.update(choices=self.job_choices(), value=None), f"deleted job {job_id} and its folder"
 
     def job_table(self) -> list[list]:
         """The Jobs tab's table: id, kind, title, status, run time, message."""
@@ -449,7 +569,7 @@ class Studio:
             return "", "", [], ""
         job = self.queue.get(job_id)
         skip = {"cache", "checkpoints", "logs"}  # internal: embeddings cache, resume state, tensorboard
-        outputs = [str(p) for p in sorted(job.out.rglob("*"))
+        outputs = [str(p) for p in sorted(job.out.rglob("*"), key=_natural_key)
                    if p.is_file() and not skip.intersection(p.relative_to(job.out).parts)]
         return self.status_line(job_id), job.command, outputs[:200], self.queue.log_tail(job_id, 60)
 
@@ -468,8 +588,10 @@ Prompts that work: *a red striped circle* · *a small blue dotted square in the 
 *a blue sks*, so an adapter trained on them ties the new shape to that word.
 
 What to do first: **1.** Compose & Sample: sample *a red striped circle* to see the model. **2.** Train: keep
-the star preset and press Start (LoRA, 500 steps, about 2 minutes here; validation images fill in as it goes).
-**3.** Compose & Sample: add the finished artifact to the stack and sample *a blue sks*: a star.
+the star preset and press Start (LoRA, 500 steps: a few minutes on a laptop CPU; validation images of *a red
+sks* fill in every 125 steps). **3.** Compose & Sample: add the finished artifact to the stack and sample
+*a blue sks*: about half the images are stars. For more, train 1000 steps with
+`to_q,to_k,to_v,to_out.0,conv1,conv2` as target modules (advanced options): the convolutions draw shapes.
 To work on a real model, choose it below (a diffusers folder or a single-file checkpoint on this machine).
 """
 
@@ -491,6 +613,31 @@ def _number_arg(value) -> str:
     """
     number = float(value)
     return str(int(number)) if number.is_integer() else repr(number)
+
+
+def _toml_value(value) -> str:
+    """A config value as TOML: true/false, a number, a quoted string, a list of strings."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(json.dumps(str(v)) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def _form_value(field: Field, value):
+    """A config value as its form field shows it (lists comma-separated, "not given" as empty)."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return value
+
+
+def _natural_key(path: Path) -> list:
+    """Sort key that orders numbers by value: validation/step-125 before validation/step-1000."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
 def _data_label(data: str) -> str:
@@ -542,18 +689,25 @@ def build_app(data_dir: str | Path, model: str = TOY_MODEL, model_config: str | 
                 use_model.click(studio.choose_model, [source, model_path, model_config], [model_state, model_info],
                                 api_name="choose_model")
 
-            for kind, task in studio.tasks.items():
-                _task_tab(studio, kind, task, model_state, timer)
+            job_pickers = [_task_tab(studio, kind, task, model_state, timer) for kind, task in studio.tasks.items()]
 
             with gr.Tab("Compose & Sample", id="sample") as sample_tab:
-                _sample_tab(studio, model_state, sample_tab)
+                stack, layout = _sample_tab(studio, model_state, sample_tab)
 
             with gr.Tab("Jobs", id="jobs"):
-                _jobs_tab(studio, timer)
+                job_pickers.append(_jobs_tab(studio, timer))
+
+        # After a reload, the last picked job and the Compose stack come back: kept in this browser's storage,
+        # under the signed-in user's name with --auth (another user in the same browser starts empty).
+        saved = gr.BrowserState({}, storage_key="diffusion-studio")
+        app.load(studio.restore, saved, [*job_pickers, stack, layout], api_visibility="private")
+        for picker in job_pickers:
+            picker.change(studio.remember, [saved, picker, stack], saved, api_visibility="private")
+        stack.change(studio.remember, [saved, job_pickers[-1], stack], saved, api_visibility="private")
     return app
 
 
-def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State, timer: gr.Timer) -> None:
+def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State, timer: gr.Timer) -> gr.Dropdown:
     common, per_method = studio.fields(kind)
     methods = list(per_method)
     with gr.Tab(task.title, id=task.command) as tab:
@@ -591,6 +745,11 @@ def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State, time
             start = gr.Button("Start", variant="primary")
             stop = gr.Button("Stop")
             resume = gr.Button("Resume")
+        with gr.Row():
+            load_job = gr.Button("Load the picked job's settings", size="sm")
+            save = gr.Button("Save settings as TOML", size="sm")
+            load_file = gr.UploadButton("Load settings from TOML", file_types=[".toml"], size="sm")
+        saved_file = gr.File(label="settings file (studio train --config FILE reads it)", visible=False, interactive=False)
         command = gr.Code(label="the same run from the command line", language="shell", interactive=False)
         job = gr.Dropdown(studio.job_choices(task.command), label="job", value=None, allow_custom_value=True)
         status = gr.Markdown()
@@ -611,6 +770,13 @@ def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State, time
     preset.change(lambda p: SHAPESWORLD_PRESETS[p], preset, spec, api_visibility="private")
     start.click(functools.partial(studio.start, kind), [model_state, method, source, spec, files, *common_inputs, *inputs],
                 [job, command], api_name=f"start_{task.command}", show_progress="minimal")
+    form = [method, source, spec, *common_inputs, *inputs]
+    load_job.click(functools.partial(studio.load_job_settings, kind), job, form, api_name=f"load_job_settings_{task.command}")
+    load_file.upload(functools.partial(studio.load_settings_file, kind), load_file, form,
+                     api_name=f"load_settings_{task.command}")
+    save.click(functools.partial(studio.save_settings, kind), [model_state, method, source, spec, files, *common_inputs, *inputs],
+               saved_file, api_name=f"save_settings_{task.command}").then(
+        lambda: gr.update(visible=True), None, saved_file, api_visibility="private")
     stop.click(studio.stop, job, status, api_name=f"stop_{task.command}")
     resume.click(studio.resume, job, status, api_name=f"resume_{task.command}")
     watched = [status, progress, loss, gallery, artifact, log, command]
@@ -621,9 +787,10 @@ def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State, time
     # The picker's labels carry each job's status: they follow it (queued -> running -> done).
     timer.tick(lambda: gr.update(choices=studio.job_choices(task.command)), None, job, show_progress="hidden",
                api_visibility="private")
+    return job
 
 
-def _sample_tab(studio: Studio, model_state: gr.State, tab: gr.Tab) -> None:
+def _sample_tab(studio: Studio, model_state: gr.State, tab: gr.Tab) -> tuple[gr.State, gr.State]:
     stack = gr.State([])  # [{"path", "name", "scale", "enabled"}]
     layout = gr.State(0)  # bumped when artifacts are added or removed: redraws the sliders
     with gr.Row():
@@ -657,7 +824,7 @@ def _sample_tab(studio: Studio, model_state: gr.State, tab: gr.Tab) -> None:
                                  api_visibility="private")
 
         with gr.Column(scale=2):
-            prompts = gr.Textbox("a red sks\na blue striped circle", lines=3, label="prompts (one per line)")
+            prompts = gr.Textbox("a red sks\na blue striped circle", lines=3, label="prompts (one per line; Shift+Enter samples)")
             negative = gr.Textbox(label="negative prompt")
             prompt_note = gr.Markdown()
             with gr.Accordion("Words the toy model knows", open=False,
@@ -671,9 +838,12 @@ def _sample_tab(studio: Studio, model_state: gr.State, tab: gr.Tab) -> None:
                 scheduler = gr.Dropdown(["model default", *SCHEDULERS], value="model default", label="scheduler")
                 width = gr.Number(0, label="width (multiple of 8; 0: the model's size)", precision=0)
                 height = gr.Number(0, label="height (0: the model's size)", precision=0)
-            go = gr.Button("Sample", variant="primary")
+            with gr.Row():
+                go = gr.Button("Sample", variant="primary", scale=3)
+                cancel = gr.Button("Cancel", scale=1)
             gallery = gr.Gallery(label="samples", columns=4, height=320)
             info = gr.Markdown()
+            download = gr.DownloadButton("Download all (zip)", visible=False)
             command = gr.Code(label="the same samples from the command line", language="shell", interactive=False)
 
     for event in (refresh.click, tab.select):  # artifacts of jobs that finished since the page loaded
@@ -681,22 +851,31 @@ def _sample_tab(studio: Studio, model_state: gr.State, tab: gr.Tab) -> None:
     add.click(studio.add_artifact, [model_state, stack, layout, choice], [stack, layout, added], api_name="add_artifact")
     upload.upload(studio.upload_artifact, [model_state, stack, layout, upload], [stack, layout, added, choice],
                   api_name="upload_artifact")
-    go.click(studio.sample, [model_state, stack, prompts, negative, seeds, steps, guidance, scheduler, width, height],
-             [gallery, command, info], api_name="sample")
+    sample_inputs = [model_state, stack, prompts, negative, seeds, steps, guidance, scheduler, width, height]
+    go.click(studio.sample, sample_inputs, [gallery, command, info, download], api_name="sample")
+    for box in (prompts, negative, seeds):  # Enter samples (Shift+Enter in the many-line prompts box)
+        box.submit(studio.sample, sample_inputs, [gallery, command, info, download], api_visibility="private")
+    cancel.click(studio.cancel_sample, None, info, api_name="cancel_sample")
     for event in (prompts.change, negative.change, layout.change, model_state.change):
         event(studio.prompt_note, [model_state, stack, prompts, negative], prompt_note,
               api_visibility="private", show_progress="hidden")
     model_state.change(lambda state: gr.update(visible=state["model"] == TOY_MODEL), model_state, vocabulary,
                        api_visibility="private")
+    return stack, layout
 
 
-def _jobs_tab(studio: Studio, timer: gr.Timer) -> None:
+def _jobs_tab(studio: Studio, timer: gr.Timer) -> gr.Dropdown:
     table = gr.Dataframe(studio.job_table(), headers=["job", "kind", "title", "status", "time", "message"],
                          interactive=False, wrap=True)
     with gr.Row():
         job = gr.Dropdown(studio.job_choices(), label="job", value=None, allow_custom_value=True, scale=3)
         stop = gr.Button("Stop", scale=0)
         resume = gr.Button("Resume", scale=0)
+        delete = gr.Button("Delete", scale=0, variant="stop")
+    with gr.Row(visible=False) as confirm_row:
+        confirm_text = gr.Markdown()
+        confirm = gr.Button("Yes, delete it", variant="stop", scale=0)
+        keep = gr.Button("Keep it", scale=0)
     status = gr.Markdown()
     command = gr.Code(label="command", language="shell", interactive=False)
     outputs = gr.File(label="outputs", file_count="multiple", interactive=False)
@@ -710,3 +889,15 @@ def _jobs_tab(studio: Studio, timer: gr.Timer) -> None:
     job.change(studio.job_details, job, [status, command, outputs, log], api_name="job_details")
     stop.click(studio.stop, job, status, api_name="stop")
     resume.click(studio.resume, job, status, api_name="resume")
+    delete.click(lambda job_id: (gr.update(visible=bool(job_id)),
+                                 f"Delete job **{job_id}** and its folder (outputs, artifact, log)?" if job_id else ""),
+                 job, [confirm_row, confirm_text], api_visibility="private")
+    confirm.click(studio.delete_job, job, [job, status], api_name="delete_job").then(
+        lambda: gr.update(visible=False), None, confirm_row, api_visibility="private")
+    keep.click(lambda: gr.update(visible=False), None, confirm_row, api_visibility="private")
+
+    def pick_row(event: gr.SelectData) -> str:  # a click anywhere in a row picks that row's job
+        return event.row_value[0]
+
+    table.select(pick_row, None, job, api_visibility="private")
+    return job

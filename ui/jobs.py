@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,6 +132,15 @@ class JobQueue:
         with self.lock:
             return sorted(self.jobs.values(), key=lambda j: j.created, reverse=True)
 
+    def ahead_of(self, job_id: str) -> int:
+        """How many jobs will start or are running before this queued one (0 once it runs)."""
+        job = self.get(job_id)
+        if job.status != QUEUED:
+            return 0
+        with self.lock:
+            return sum(1 for other in self.jobs.values()
+                       if other.status in (RUNNING, STOPPING) or (other.status == QUEUED and other.created < job.created))
+
     def stop(self, job_id: str) -> Job:
         """Stop a job: a queued one is dropped, a running one gets SIGTERM (a training run saves a
         checkpoint at the end of its current step, then exits)."""
@@ -144,6 +154,15 @@ class JobQueue:
                 job.save()
                 self.processes[job.id].send_signal(signal.SIGTERM)
         return job
+
+    def delete(self, job_id: str) -> None:
+        """Forget a finished (or never started) job and delete its folder; a running job must be stopped first."""
+        job = self.get(job_id)
+        with self.lock:
+            if job.status in (RUNNING, STOPPING):
+                raise StudioError(f"job {job_id} is {job.status}; stop it first, then delete it")
+            del self.jobs[job_id]
+        shutil.rmtree(job.folder, ignore_errors=True)
 
     def resume(self, job_id: str, extra_argv: list[str]) -> Job:
         """Queue a stopped or failed job again with `extra_argv` added (e.g. `--resume latest`)."""
