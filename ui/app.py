@@ -290,7 +290,11 @@ class Studio:
 
     def form_from_argv(self, kind: str, argv: list[str]) -> list:
         """Form updates (method, dataset source, spec, then every option field) for a `studio <command>` line."""
-        from studio.cli import build_parser, join_negative_values, train_config_from_args
+        from studio.cli import (
+            build_parser,
+            join_negative_values,
+            train_config_from_args,
+        )
 
         config = train_config_from_args(build_parser().parse_args(join_negative_values(argv)))
         method_config = registry.get(config.method).trainer.default_config(config.method_options)
