@@ -302,7 +302,8 @@ def test_every_tab_in_headless_chromium(trained, studio_server, tmp_path):
 
         tab = lambda name: page.get_by_role("tab", name=name, exact=True)  # noqa: E731
         expect(page.get_by_text("Current model:")).to_be_visible(timeout=30_000)
-        page.screenshot(path=shots / "model.png", full_page=True)
+        expect(page.locator("#start-here")).to_contain_text("Prompts that work")
+        page.screenshot(path=shots / "start-here.png", full_page=True)
 
         tab("Train").click()
         job = page.get_by_label("job", exact=True)
@@ -318,7 +319,8 @@ def test_every_tab_in_headless_chromium(trained, studio_server, tmp_path):
         choice.click()
         page.get_by_role("option").filter(has_text=job_id).first.click()
         page.get_by_role("button", name="Add to the stack").click()
-        expect(page.get_by_text("lora: lora.safetensors", exact=True)).to_be_visible(timeout=30_000)  # its on/off box
+        label = re.compile(rf"{job_id} · lora · star, 4 renders · {STEPS} steps · ")  # what tells artifacts apart
+        expect(page.get_by_text(label)).to_be_visible(timeout=30_000)  # its on/off box
         expect(page.get_by_role("slider", name="range slider for scale", exact=True)).to_be_enabled()
         page.get_by_role("button", name="Sample", exact=True).click()
         expect(page.get_by_text("4 images · job")).to_be_visible(timeout=120_000)  # 2 default prompts x 2 seeds
@@ -332,7 +334,7 @@ def test_every_tab_in_headless_chromium(trained, studio_server, tmp_path):
         page.get_by_role("button", name="Sample", exact=True).click()
         expect(page.locator(".cm-content").filter(has_text="studio sample")).to_contain_text("lora.safetensors:0.5",
                                                                                                timeout=120_000)
-        page.get_by_label("lora: lora.safetensors", exact=True).uncheck()
+        page.get_by_label(label).uncheck()
         page.wait_for_timeout(500)
         page.get_by_role("button", name="Sample", exact=True).click()
         expect(page.locator(".cm-content").filter(has_text="studio sample")).not_to_contain_text("--adapter",
@@ -344,10 +346,14 @@ def test_every_tab_in_headless_chromium(trained, studio_server, tmp_path):
         jobs_pick.press("Enter")
         expect(page.get_by_text("studio train --method lora").last).to_be_visible(timeout=30_000)
         page.screenshot(path=shots / "jobs.png", full_page=True)
-        # A reload keeps every job: they live on disk, not in the page.
+        # A reload keeps every job (they live on disk), the picked job and the Compose stack (browser storage).
         page.reload()
         tab("Jobs").click()
         expect(page.get_by_text(job_id, exact=True).first).to_be_visible(timeout=30_000)
+        expect(page.get_by_text("studio train --method lora").last).to_be_visible(timeout=30_000)  # still picked
+        tab("Compose & Sample").click()
+        expect(page.get_by_text(label)).to_be_visible(timeout=30_000)
+        tab("Jobs").click()
 
         # A bad upload shows its message in the page.
         tab("Train").click()

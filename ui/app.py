@@ -594,8 +594,8 @@ Prompts that work: *a red striped circle* · *a small blue dotted square in the 
 What to do first: **1.** Compose & Sample: sample *a red striped circle* to see the model. **2.** Train: keep
 the star preset and press Start (LoRA, 500 steps: a few minutes on a laptop CPU; validation images of *a red
 sks* fill in every 125 steps). **3.** Compose & Sample: add the finished artifact to the stack and sample
-*a blue sks*: about half the images are stars. For more, train 1000 steps with
-`to_q,to_k,to_v,to_out.0,conv1,conv2` as target modules (advanced options): the convolutions draw shapes.
+*a blue sks*: roughly half the images are stars. For more, train longer or add `conv1,conv2` to the
+target modules (advanced options): the convolutions draw shapes (`studio bench personalize` measures such recipes).
 To work on a real model, choose it below (a diffusers folder or a single-file checkpoint on this machine).
 """
 
