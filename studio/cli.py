@@ -189,11 +189,13 @@ def add_config_flag(parser: argparse.ArgumentParser, f, hint, help_prefix: str =
     import dataclasses
 
     from studio.options import RANGE_KEY, allowed, flag
+    from studio.trainers.base import UNSET_MEANS
 
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    described = f"{help_prefix}{allowed(hint, f.metadata.get(RANGE_KEY))}; default {default!r}"
+    default = UNSET_MEANS.get(f.name, "none") if default is None else repr(default)
+    described = f"{help_prefix}{allowed(hint, f.metadata.get(RANGE_KEY))}; default {default}"
     if hint is bool:
-        parser.add_argument(flag(f.name), default=None, action=argparse.BooleanOptionalAction, help=f"{help_prefix}default {default!r}")
+        parser.add_argument(flag(f.name), default=None, action=argparse.BooleanOptionalAction, help=f"{help_prefix}default {default}")
     else:
         parser.add_argument(flag(f.name), default=None, help=described.replace("%", "%%"))
 

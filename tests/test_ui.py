@@ -355,8 +355,23 @@ def test_every_tab_in_headless_chromium(trained, studio_server, tmp_path):
         expect(page.get_by_text(label)).to_be_visible(timeout=30_000)
         tab("Jobs").click()
 
-        # A bad upload shows its message in the page.
+        # An out-of-range option is refused in the page with the CLI's line, and no job is made.
         tab("Train").click()
+        jobs_before = len(list((root / "data" / "jobs").iterdir()))
+        steps_box = page.get_by_label("max train steps", exact=True)
+        steps_box.fill("-10")
+        page.get_by_role("button", name="Start", exact=True).click()
+        expect(page.get_by_text("--max-train-steps -10: must be a whole number from 1 to 10000000")).to_be_visible(
+            timeout=30_000)
+        steps_box.fill("1.5")
+        page.get_by_role("button", name="Start", exact=True).click()
+        expect(page.get_by_text("--max-train-steps 1.5: must be a whole number from 1 to 10000000")).to_be_visible(
+            timeout=30_000)
+        page.screenshot(path=shots / "bad-option.png")
+        assert len(list((root / "data" / "jobs").iterdir())) == jobs_before
+        steps_box.fill("500")
+
+        # A bad upload shows its message in the page.
         page.get_by_label("upload", exact=True).check()
         page.locator("#train-upload input[type=file]").set_input_files(str(bad))
         page.wait_for_timeout(1000)

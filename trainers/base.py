@@ -83,6 +83,20 @@ class TrainConfig:
     method_options: dict = field(default_factory=dict)
 
 
+# What each option left out (None) means; the CLI's --help and the page's empty fields say it.
+UNSET_MEANS = {
+    "resolution": "the model's training size",
+    "learning_rate": "the method's rate for this model",
+    "resume": "start fresh",
+    "validation_prompt": "the first training caption",
+    "validation_steps": "every quarter of a run of 100+ steps (0: none)",
+    "snr_gamma": "off (5 is the usual value)",
+    "default_caption": "none",
+    "trigger": "none",
+    "cache_dir": "<output-dir>/cache",
+    "text_encoder_lr": "--learning-rate",
+}
+
 VALIDATION_MIN_STEPS = 100  # runs this long validate by default (4 times); shorter ones are tests, not watched
 
 

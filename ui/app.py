@@ -64,12 +64,6 @@ def _tasks() -> dict[str, Task]:
 # -- forms from config dataclasses ------------------------------------------------------
 
 BASIC_OPTIONS = ("max_train_steps", "learning_rate")  # shown first, beside dataset and method; the rest fold away
-DEFAULT_HINTS = {  # what an empty optional field means
-    "resolution": "the model's size",
-    "validation_steps": "every ¼ of a run of 100+ steps",
-    "snr_gamma": "off (5 is usual)",
-    "text_encoder_lr": "the learning rate",
-}
 
 
 @dataclass(frozen=True)
@@ -100,7 +94,9 @@ class Field:
         if typing.get_origin(kind) is typing.Literal:
             return gr.Dropdown(list(typing.get_args(kind)), value=self.default, label=label)
         if kind in (int, float) and self.default is None:  # optional: empty means "not given"
-            return gr.Textbox("", label=label, placeholder=DEFAULT_HINTS.get(self.name, "default"))
+            from studio.trainers.base import UNSET_MEANS
+
+            return gr.Textbox("", label=label, placeholder="default: " + UNSET_MEANS.get(self.name, "none"))
         if kind in (int, float):  # no rounding in the browser: 1.5 steps is refused, not made 2
             return gr.Number(value=self.default, label=label)
         if typing.get_origin(kind) is list:
