@@ -157,3 +157,39 @@ def test_a_model_dependent_value_fails_before_anything_is_written(tmp_path, caps
                  "--output-dir", str(out)]) == 2
     assert "OFT block_size 7 does not divide" in capsys.readouterr().err
     assert not out.exists()
+
+
+def flags_taking_a_value(command: str) -> list[str]:
+    """The flags of `studio <command>` that take a value (not switches, not --help)."""
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]  # argparse keeps sub-commands here
+    return [a.option_strings[0] for a in sub._actions
+            if a.option_strings and a.nargs != 0 and a.option_strings[0].startswith("--")
+            and a.option_strings[0] not in ("--config", "--model", "--model-config", "--device", "--output-dir",
+                                            "--cache-dir", "--resume", "--prompts-file", "--adapter")]
+
+
+@pytest.mark.parametrize("command", ["train", "sample"])
+def test_any_text_in_any_option_is_accepted_or_refused_in_one_line(command):
+    """Fuzzing every value-taking option of train and sample with arbitrary text and numbers: the options'
+    check either accepts the value or raises a one-line StudioError, never another exception."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from studio.cli import check_command
+
+    base = ["train", "--data", DATA] if command == "train" else ["sample", "a red circle"]
+    values = st.one_of(st.text(max_size=12), st.integers(-10**12, 10**12).map(str),
+                       st.floats(allow_nan=True, allow_infinity=True).map(repr))
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(flag=st.sampled_from(flags_taking_a_value(command)), value=values)
+    def check(flag, value):
+        if value.startswith("-") and not re.fullmatch(r"-[\d.]+(e[-+]?\d+)?|-inf|-nan", value):
+            value = " " + value  # a dash-word is a flag to argparse: covered by the usage-error tests
+        try:
+            check_command(base + [flag, value])
+        except StudioError as err:
+            assert "\n" not in str(err) and str(err)
+
+    check()
