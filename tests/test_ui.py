@@ -336,7 +336,7 @@ def test_every_tab_in_headless_chromium(trained, studio_server, tmp_path):
                                                                                                timeout=120_000)
         page.get_by_label(label).uncheck()
         page.wait_for_timeout(500)
-        page.get_by_role("button", name="Sample", exact=True).click()
+        page.get_by_label("prompts (one per line; Shift+Enter samples)").press("Shift+Enter")  # the keyboard samples too
         expect(page.locator(".cm-content").filter(has_text="studio sample")).not_to_contain_text("--adapter",
                                                                                                    timeout=120_000)
 
@@ -346,6 +346,16 @@ def test_every_tab_in_headless_chromium(trained, studio_server, tmp_path):
         jobs_pick.press("Enter")
         expect(page.get_by_text("studio train --method lora").last).to_be_visible(timeout=30_000)
         page.screenshot(path=shots / "jobs.png", full_page=True)
+        # A click on a row picks its job; Delete asks first, then removes the job and its folder.
+        sample_ids = [j.name for j in (root / "data" / "jobs").iterdir()
+                      if '"kind": "sample"' in (j / "job.json").read_text()]
+        page.get_by_text(sample_ids[0], exact=True).first.click()
+        expect(page.get_by_text("studio sample").last).to_be_visible(timeout=30_000)
+        page.get_by_role("button", name="Delete", exact=True).click()
+        expect(page.get_by_text("and its folder (outputs, artifact, log)?")).to_be_visible(timeout=10_000)
+        page.get_by_role("button", name="Yes, delete it").click()
+        expect(page.get_by_text(f"deleted job {sample_ids[0]} and its folder")).to_be_visible(timeout=30_000)
+        assert not (root / "data" / "jobs" / sample_ids[0]).exists()
         # A reload keeps every job (they live on disk), the picked job and the Compose stack (browser storage).
         page.reload()
         tab("Jobs").click()
