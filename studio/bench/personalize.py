@@ -83,13 +83,14 @@ PRIOR_DATA = "shapesworld:shape=seen,count=120,caption={caption},seed=1"
 #   LoRA  1e-3: 0.84 / +0.003
 # On toy model v2, training seeds 100 and 101, sampling seeds from 1000 (128 samples per seed):
 #   OFT   2.5e-4, 2000 steps: 0.86 [0.81, 0.91] / -0.008
+#   BOFT  5e-4, 2000 steps: 0.86 [0.81, 0.91] / -0.020
 # (the rows from 2026-11-23 on: benchmarks/personalize_sweep.py, kept in
 # benchmarks/results/personalize-sweep.jsonl)
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
 RECIPES: dict[str, dict] = {
     "lora": {"learning_rate": 1e-3, "method_options": {"rank": 8, "alpha": 8.0, "target_modules": TARGETS}},
     "oft": {"learning_rate": 2.5e-4, "max_train_steps": 2000, "method_options": {"target_modules": TARGETS}},
-    "boft": {"learning_rate": 5e-4, "method_options": {"target_modules": TARGETS}},
+    "boft": {"learning_rate": 5e-4, "max_train_steps": 2000, "method_options": {"target_modules": TARGETS}},
     "sara": {"learning_rate": 3e-3, "method_options": {"fraction": 0.2, "target_modules": TARGETS}},
 }
 # LoRA with text-encoder LoRA too (not in the default list); the text encoder at half the UNet's rate, kohya's usual ratio.
