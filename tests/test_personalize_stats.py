@@ -113,7 +113,7 @@ def test_sweep_options_convert_to_the_config_types():
         parse_options("boft", ["coft=true"])  # BOFT has no COFT
     with pytest.raises(StudioError, match="block_size given twice"):
         parse_options("oft", ["block_size=16", "block_size=8"])
-    with pytest.raises(StudioError, match="'eps' needs a float"):
+    with pytest.raises(StudioError, match="--eps 'small': must be a number > 0"):
         parse_options("oft", ["eps=small"])
 
 

@@ -182,10 +182,10 @@ def test_sdxl_trains_both_text_encoders_and_loads_in_stock_diffusers(sdxl_run, m
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--train-text-encoder", "--text-encoder-lr", "0"], "--text-encoder-lr must be a number > 0 (got 0.0)"),
-    (["--train-text-encoder", "--text-encoder-lr", "-0.0001"], "--text-encoder-lr must be a number > 0 (got -0.0001)"),
-    (["--train-text-encoder", "--text-encoder-lr=-1e-4"], "--text-encoder-lr must be a number > 0 (got -0.0001)"),
-    (["--train-text-encoder", "--text-encoder-lr", "fast"], "needs a float, got 'fast'"),
+    (["--train-text-encoder", "--text-encoder-lr", "0"], "--text-encoder-lr 0: must be a number > 0 and <= 1"),
+    (["--train-text-encoder", "--text-encoder-lr", "-0.0001"], "--text-encoder-lr -0.0001: must be a number > 0"),
+    (["--train-text-encoder", "--text-encoder-lr=-1e-4"], "--text-encoder-lr -0.0001: must be a number > 0"),
+    (["--train-text-encoder", "--text-encoder-lr", "fast"], "--text-encoder-lr 'fast': must be a number > 0"),
     (["--text-encoder-lr", "1e-4"], "add --train-text-encoder, or drop --text-encoder-lr"),
     (["--method", "oft", "--train-text-encoder"], "--train-text-encoder works with --method lora only: oft"),
 ])
@@ -201,12 +201,13 @@ def test_toml_and_switch(tmp_path, capsys):
     job.write_text(f'data = "{STAR}"\ntrain-text-encoder = true\ntext-encoder-lr = 5e-5\n')
     config = train_config_from_args(build_parser().parse_args(["train", "--config", str(job)]))
     assert config.train_text_encoder is True and config.text_encoder_lr == 5e-5
-    config = train_config_from_args(build_parser().parse_args(["train", "--config", str(job), "--no-train-text-encoder",
-                                                              "--text-encoder-lr", "1e-4"]))
-    assert config.train_text_encoder is False and config.text_encoder_lr == 1e-4
+    config = train_config_from_args(build_parser().parse_args(["train", "--config", str(job), "--text-encoder-lr", "1e-4"]))
+    assert config.train_text_encoder is True and config.text_encoder_lr == 1e-4  # the flag wins over the file
+    with pytest.raises(StudioError, match="add --train-text-encoder, or drop --text-encoder-lr"):  # a rate for nothing
+        train_config_from_args(build_parser().parse_args(["train", "--config", str(job), "--no-train-text-encoder"]))
     job.write_text(f'data = "{STAR}"\ntrain-text-encoder = true\ntext-encoder-lr = 0\n')
     assert main(["train", "--config", str(job), "--output-dir", str(tmp_path / "out")]) == 2
-    assert "--text-encoder-lr must be a number > 0 (got 0)" in capsys.readouterr().err
+    assert "--text-encoder-lr 0: must be a number > 0 and <= 1" in capsys.readouterr().err
 
 
 def test_the_train_form_has_the_switch_and_the_rate():

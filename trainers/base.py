@@ -255,20 +255,17 @@ def text_encoder_names(pipe) -> list[str]:
 
 
 def check_text_encoder_options(config: TrainConfig, adapter) -> None:
-    """Refuse `text_encoder_lr` that is not > 0 or without `train_text_encoder`, and `train_text_encoder`
+    """Refuse `text_encoder_lr` without `train_text_encoder`, and `train_text_encoder`
     for a method that has no text-encoder part (only LoRA has one).
 
     Example:
         >>> from studio.adapters import lora
         >>> check_text_encoder_options(TrainConfig(train_text_encoder=True, text_encoder_lr=5e-5), lora)
     """
-    lr = config.text_encoder_lr
-    if lr is not None:
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise StudioError(f"--text-encoder-lr must be a number > 0 (got {lr!r}); leave it out to use --learning-rate")
-        if not config.train_text_encoder:
-            raise StudioError(f"--text-encoder-lr {lr} is set but the text encoder is not trained: "
-                              "add --train-text-encoder, or drop --text-encoder-lr")
+    lr = config.text_encoder_lr  # its range is checked with every option's (`check_options`)
+    if lr is not None and not config.train_text_encoder:
+        raise StudioError(f"--text-encoder-lr {lr} is set but the text encoder is not trained: "
+                          "add --train-text-encoder, or drop --text-encoder-lr")
     if config.train_text_encoder and not hasattr(adapter, "inject_text_encoder"):
         raise StudioError(
             f"--train-text-encoder works with --method lora only: {config.method} changes UNet layers only "
