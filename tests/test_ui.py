@@ -272,9 +272,10 @@ def test_good_upload_trains(studio_server, tmp_path):
 
 def test_jobs_listed_with_logs(trained):
     client, job_id, *_ = trained
-    status, command, outputs, log = client.predict(job_id, api_name="/job_details")
+    status, command, outputs, validation, log = client.predict(job_id, api_name="/job_details")
     assert "**done**" in status and command.startswith("studio train")
     assert any(str(o).endswith("lora.safetensors") for o in outputs)
+    assert [item["caption"] for item in validation] == ["step 3"] * 4 + ["step 6"] * 4  # grouped by step, in order
     assert "train lora" in log
 
 

@@ -563,20 +563,24 @@ class Studio:
                          job.message[:120]])
         return rows
 
-    def job_details(self, job_id: str | None) -> tuple[str, str, list[str], str]:
-        """Status, command, output files (not the cache, checkpoints or tensorboard logs) and log of a job."""
+    def job_details(self, job_id: str | None) -> tuple[str, str, list[str], list, str]:
+        """Status, command, output files (not the cache, checkpoints or tensorboard logs), validation images
+        grouped by step (each captioned with it) and log of a job."""
         if not job_id:
-            return "", "", [], ""
+            return "", "", [], [], ""
         job = self.queue.get(job_id)
-        skip = {"cache", "checkpoints", "logs"}  # internal: embeddings cache, resume state, tensorboard
+        skip = {"cache", "checkpoints", "logs", "validation"}  # internal: embeddings, resume state, tensorboard
         outputs = [str(p) for p in sorted(job.out.rglob("*"), key=_natural_key)
                    if p.is_file() and not skip.intersection(p.relative_to(job.out).parts)]
-        return self.status_line(job_id), job.command, outputs[:200], self.queue.log_tail(job_id, 60)
+        validation = [(str(p), f"step {folder.name[5:]}")
+                      for folder in sorted((job.out / "validation").glob("step-*"), key=_natural_key)
+                      for p in sorted(folder.glob("*.png"), key=_natural_key)]
+        return self.status_line(job_id), job.command, outputs[:200], validation[-64:], self.queue.log_tail(job_id, 60)
 
 
 START_HERE = """### Start here
 The page starts on **ShapesWorld**, a toy text-to-image model shipped inside the studio (26 MB; it runs on
-a laptop CPU in seconds). It draws one shape on a 64×64 image from a short description: a shape (circle,
+a laptop CPU in seconds). It draws one shape on a 32×32 image from a short description: a shape (circle,
 square, triangle, cross, diamond), a colour, a texture (plain, striped, dotted, checkered), a size, a
 position and a background; every other word is ignored (the full list is below). Two shapes, **star** and
 **heart**, were kept out of its training on purpose: the model cannot draw them until you teach it one.
@@ -879,14 +883,16 @@ def _jobs_tab(studio: Studio, timer: gr.Timer) -> gr.Dropdown:
     status = gr.Markdown()
     command = gr.Code(label="command", language="shell", interactive=False)
     outputs = gr.File(label="outputs", file_count="multiple", interactive=False)
+    validation = gr.Gallery(label="validation samples, by step", columns=8, height=200)
     log = gr.Textbox(label="log", lines=12, max_lines=12, autoscroll=True)
 
     def refresh(job_id):
         return (gr.update(value=studio.job_table()), gr.update(choices=studio.job_choices(), value=job_id),
                 *studio.job_details(job_id))
 
-    timer.tick(refresh, job, [table, job, status, command, outputs, log], show_progress="hidden", api_visibility="private")
-    job.change(studio.job_details, job, [status, command, outputs, log], api_name="job_details")
+    timer.tick(refresh, job, [table, job, status, command, outputs, validation, log], show_progress="hidden",
+               api_visibility="private")
+    job.change(studio.job_details, job, [status, command, outputs, validation, log], api_name="job_details")
     stop.click(studio.stop, job, status, api_name="stop")
     resume.click(studio.resume, job, status, api_name="resume")
     delete.click(lambda job_id: (gr.update(visible=bool(job_id)),
