@@ -47,6 +47,17 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_lora_dropout_acts_during_training(tmp_path):
+    """The loop trains in train mode: LoRA's dropout changes the gradients, so the weights differ."""
+    def weights(folder, dropout):
+        run = train(TrainConfig(method="lora", data=STAR, output_dir=str(folder), max_train_steps=2, train_batch_size=2,
+                                learning_rate=1e-3, method_options={"rank": 2, "dropout": dropout}))
+        return load_file(str(run.artifact))
+
+    plain, dropped = weights(tmp_path / "a", 0.0), weights(tmp_path / "b", 0.5)
+    assert any(not torch.equal(plain[k], dropped[k]) for k in plain)
+
+
 def test_sigterm_stops_with_a_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
     """A SIGTERM during step 3 (the app's Stop button) ends the run after that step with a checkpoint;
     resuming from it gives the same weights as a run that never stopped."""

@@ -360,6 +360,7 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
             text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    unet.train()  # LoRA's dropout acts in train mode only (the UNet's own dropout rates are 0)
 
     # 2. The data, encoded once (the wrapped layers are the identity until they train).
     resolution = config.resolution or default_size(pipe)[0]
