@@ -13,7 +13,8 @@ alpha and dropout, saved beside the UNet's under diffusers' prefixes
 Example:
     >>> from studio.testing import tiny_sd_pipeline
     >>> unet = tiny_sd_pipeline().unet
-    >>> inject(unet, LoRAConfig(rank=2))
+    >>> len(inject(unet, LoRAConfig(rank=2)))  # the wrapped layers' names
+    80
     >>> sorted(state_dict(unet))[0].startswith("unet.")
     True
 """

@@ -18,6 +18,7 @@ layers that differ.
 Example:
     >>> import torch
     >>> save_artifact("/tmp/a.safetensors", {"w": torch.zeros(2)}, "lora", {"rank": 4}, {"model": "X", "layers": {}})
+    PosixPath('/tmp/a.safetensors')
     >>> read_header("/tmp/a.safetensors").method
     'lora'
 """

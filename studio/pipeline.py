@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import json
-import logging
 import struct
 from pathlib import Path
 
@@ -38,16 +37,6 @@ SCHEDULERS = {
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class _DropTorchvisionFallbackNotice(logging.Filter):
-    """transformers says, once per image-processor name diffusers imports, that torchvision is missing and it
-    falls back to the PIL processor: the fallback is what we use (the toy model ships a PIL processor), so the
-    notice is noise a user cannot act on, printed by every command."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision (not installed)" not in record.getMessage()
-
-
-logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionFallbackNotice())
 
 
 def assets_dir() -> Path:
