@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from studio.errors import StudioError
 from studio.options import ranged
-from studio.targets import ATTENTION_PROJECTIONS, file_module_name, find_targets
+from studio.targets import ATTENTION_PROJECTIONS, file_module_name, find_targets, flat_weight
 
 ADAPTER_NAME = "studio"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -89,8 +90,25 @@ def inject(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Add trainable LoRA layers to `model` (a diffusers model with PEFT support), freeze the rest; return the targets."""
     model.requires_grad_(False)
     names = find_targets(model, config.target_modules)
+    check_rank(model, names, config.rank)
     model.add_adapter(peft_config(config), adapter_name=ADAPTER_NAME)
     return names
+
+
+def check_rank(model: nn.Module, names: list[str], rank: int) -> None:
+    """Refuse a rank above a targeted layer's smaller weight dimension (B A could not reach it; it only costs).
+
+    Example:
+        >>> check_rank(nn.Sequential(nn.Linear(8, 4)), ["0"], 16)
+        Traceback (most recent call last):
+        studio.errors.StudioError: --rank 16 is more than layer 0 can use (its weight is 4 x 8: at most 4); use --rank 4 or less, or target other layers
+    """
+    for name in names:
+        weight = flat_weight(model.get_submodule(name))
+        if rank > min(weight.shape):
+            raise StudioError(f"--rank {rank} is more than layer {name} can use (its weight is {weight.shape[0]} x "
+                              f"{weight.shape[1]}: at most {min(weight.shape)}); use --rank {min(weight.shape)} or less, "
+                              "or target other layers")
 
 
 def text_encoder_config(config: LoRAConfig) -> LoRAConfig:
@@ -120,6 +138,7 @@ def inject_text_encoder(text_encoder: nn.Module, config: LoRAConfig) -> list[str
     te_config = text_encoder_config(config)
     text_encoder.requires_grad_(False)
     names = find_targets(text_encoder, te_config.target_modules)
+    check_rank(text_encoder, names, te_config.rank)
     inject_adapter_in_model(peft_config(te_config), text_encoder, adapter_name=ADAPTER_NAME)
     return names
 

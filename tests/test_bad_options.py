@@ -151,11 +151,15 @@ def test_an_option_of_another_method_names_its_method(capsys):
                                        "choose that method or drop --coft\n")
 
 
-def test_a_model_dependent_value_fails_before_anything_is_written(tmp_path, capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "oft", "--block-size", "7"], "OFT block_size 7 does not divide"),
+    (["--method", "lora", "--rank", "100"], "--rank 100 is more than layer"),
+])
+def test_a_model_dependent_value_fails_before_anything_is_written(flags, message, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["train", "--method", "oft", "--block-size", "7", "--data", DATA, "--max-train-steps", "1",
-                 "--output-dir", str(out)]) == 2
-    assert "OFT block_size 7 does not divide" in capsys.readouterr().err
+    assert main(["train", *flags, "--data", DATA, "--max-train-steps", "1", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1
     assert not out.exists()
 
 
