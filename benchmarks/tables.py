@@ -26,15 +26,15 @@ def personalize_table(path: Path | None = None) -> str:
     intervals, fidelity per seed, then a line saying how many samples and which seeds."""
     data = json.loads((path or RESULTS / "personalize.json").read_text())
     rows = ["| method | fidelity [95% CI] | fidelity per seed | composition [95% CI] | preservation [95% CI] | "
-            "trainable params | train seconds | lr |", "|---|---|---|---|---|---|---|---|"]
+            "trainable params | steps | train seconds | lr |", "|---|---|---|---|---|---|---|---|---|"]
     for method, r in data.items():
         if method == "base":
             continue
         rows.append(f"| {method} | {_mean_with_ci(r, 'fidelity', '.2f')} | {_per_seed(r, 'fidelity')} | "
                     f"{_mean_with_ci(r, 'composition', '.2f')} | {_mean_with_ci(r, 'preservation', '+.3f')} | "
-                    f"{r['trainable_params']:,} | {r['train_seconds']:.0f} | {r['learning_rate']:g} |")
+                    f"{r['trainable_params']:,} | {r['max_train_steps']} | {r['train_seconds']:.0f} | {r['learning_rate']:g} |")
     base = data["base"]
-    rows.append(f"| (base model) | {base['fidelity']:.2f} | — | — | accuracy {base['accuracy']:.3f} | — | — | — |")
+    rows.append(f"| (base model) | {base['fidelity']:.2f} | — | — | accuracy {base['accuracy']:.3f} | — | — | — | — |")
     if "train_seeds" in base:
         rows.append("")
         rows.append(f"Per training seed ({', '.join(map(str, base['train_seeds']))}): {base['n_token_samples']} fidelity "

@@ -126,14 +126,14 @@ def test_tables_print_the_intervals_and_per_seed_values(tmp_path):
     method = {"fidelity": 0.812, "fidelity_ci": [0.76, 0.85], "fidelity_per_seed": [0.79, 0.82],
               "composition": 0.5, "composition_ci": [0.41, 0.6], "preservation": -0.004,
               "preservation_ci": [-0.012, 0.003], "trainable_params": 402752, "train_seconds": 310.0,
-              "learning_rate": 0.00025}
+              "learning_rate": 0.00025, "max_train_steps": 2000}
     base = {"fidelity": 0.0, "accuracy": 0.993, "n_preservation": 100, "n_token_samples": 256,
             "n_composition_samples": 128, "train_seeds": [0, 1], "sample_seeds": [0, 63],
             "interval": {"method": "two-level percentile bootstrap"}}
     path = tmp_path / "personalize.json"
     path.write_text(json.dumps({"oft": method, "base": base}))
     table = personalize_table(path)
-    assert "| oft | 0.81 [0.76, 0.85] | 0.79 / 0.82 | 0.50 [0.41, 0.60] | -0.004 [-0.012, +0.003] |" in table
+    assert "| oft | 0.81 [0.76, 0.85] | 0.79 / 0.82 | 0.50 [0.41, 0.60] | -0.004 [-0.012, +0.003] | 402,752 | 2000 |" in table
     assert "Per training seed (0, 1): 256 fidelity and 128 composition samples" in table
     old = {"oft": {k: v for k, v in method.items() if not k.endswith(("_ci", "_per_seed"))},
            "base": {"fidelity": 0.0, "accuracy": 0.993}}  # results from before intervals still print
