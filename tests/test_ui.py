@@ -304,6 +304,7 @@ def test_every_tab_in_headless_chromium(trained, studio_server, tmp_path):
         tab = lambda name: page.get_by_role("tab", name=name, exact=True)  # noqa: E731
         expect(page.get_by_text("Current model:")).to_be_visible(timeout=30_000)
         expect(page.locator("#start-here")).to_contain_text("Prompts that work")
+        page.wait_for_timeout(1500)  # the page finishes loading
         page.screenshot(path=shots / "start-here.png", full_page=True)
 
         tab("Train").click()
@@ -357,6 +358,10 @@ def test_every_tab_in_headless_chromium(trained, studio_server, tmp_path):
         page.get_by_role("button", name="Yes, delete it").click()
         expect(page.get_by_text(f"deleted job {sample_ids[0]} and its folder")).to_be_visible(timeout=30_000)
         assert not (root / "data" / "jobs" / sample_ids[0]).exists()
+        jobs_pick.fill(job_id)  # pick the training job again
+        jobs_pick.press("Enter")
+        expect(page.get_by_text("studio train --method lora").last).to_be_visible(timeout=30_000)
+        page.wait_for_timeout(1000)  # the browser storage is written
         # A reload keeps every job (they live on disk), the picked job and the Compose stack (browser storage).
         page.reload()
         tab("Jobs").click()
@@ -380,7 +385,9 @@ def test_every_tab_in_headless_chromium(trained, studio_server, tmp_path):
             timeout=30_000)
         page.screenshot(path=shots / "bad-option.png")
         assert len(list((root / "data" / "jobs").iterdir())) == jobs_before
-        steps_box.fill("500")
+        steps_box.fill("500")  # the cause fixed: the error badge on the command goes
+        steps_box.press("Tab")
+        expect(page.get_by_text("Error", exact=True)).to_have_count(0, timeout=10_000)
 
         # A bad upload shows its message in the page.
         page.get_by_label("upload", exact=True).check()

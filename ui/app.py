@@ -704,7 +704,7 @@ def build_app(data_dir: str | Path, model: str = TOY_MODEL, model_config: str | 
         # After a reload, the last picked job and the Compose stack come back: kept in this browser's storage,
         # under the signed-in user's name with --auth (another user in the same browser starts empty).
         saved = gr.BrowserState({}, storage_key="diffusion-studio")
-        app.load(studio.restore, saved, [*job_pickers, stack, layout], api_visibility="private")
+        app.load(studio.restore, saved, [*job_pickers, stack, layout], api_visibility="private", show_progress="hidden")
         for picker in job_pickers:
             picker.change(studio.remember, [saved, picker, stack], saved, api_visibility="private")
         stack.change(studio.remember, [saved, job_pickers[-1], stack], saved, api_visibility="private")
@@ -775,6 +775,9 @@ def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State, time
     start.click(functools.partial(studio.start, kind), [model_state, method, source, spec, files, *common_inputs, *inputs],
                 [job, command], api_name=f"start_{task.command}", show_progress="minimal")
     form = [method, source, spec, *common_inputs, *inputs]
+    # A refused Start marks its outputs with an error badge; editing the form (the cause) clears it.
+    gr.on([field.change for field in form], lambda: gr.update(), None, command, show_progress="hidden",
+          api_visibility="private")
     load_job.click(functools.partial(studio.load_job_settings, kind), job, form, api_name=f"load_job_settings_{task.command}")
     load_file.upload(functools.partial(studio.load_settings_file, kind), load_file, form,
                      api_name=f"load_settings_{task.command}")
