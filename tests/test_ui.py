@@ -242,7 +242,7 @@ def test_upload_a_good_artifact(trained, tmp_path):
     shutil.copy(root / "data" / "jobs" / job_id / "out" / "lora.safetensors", mine)
     result = client.predict(handle_file(str(mine)), api_name="/upload_artifact")
     message = result[0] if isinstance(result, (list, tuple)) else result
-    assert "added lora: my_lora.safetensors" in message
+    assert "added uploaded · lora · my_lora.safetensors" in message  # what tells it from the others
     assert len(list((root / "data" / "artifacts").rglob("my_lora.safetensors"))) == 1
 
 
