@@ -121,3 +121,43 @@ def test_progress_is_read_from_the_latest_bar_in_the_log(tmp_path):
     job.log.write_text("Loading pipeline components...: 100%|##########| 7/7 [00:00<00:00]\r"
                        "sampling:   0%|          | 0/16 [00:00<?, ?img/s]\rsampling:  50%|#####     | 8/16 [00:03<00:03]")
     assert queue.progress(job.id) == ("sampling", 8, 16)
+
+
+def test_the_page_restores_a_session_for_its_own_user_only(tmp_path, toy_artifact):
+    """A reload brings back the picked job and the stack, from the browser's storage; with --auth, another user's
+    saved state (same browser) is not restored, and entries whose files are gone are dropped."""
+    import shutil
+    from types import SimpleNamespace
+
+    from studio.ui.app import Studio
+
+    studio = Studio(tmp_path / "data", workers=0)
+    job = studio.queue.submit(studio.queue.create("train", "t"), ["train"])
+    kept = studio.artifact_dir / "a" / "lora.safetensors"
+    kept.parent.mkdir(parents=True)
+    shutil.copy(toy_artifact, kept)
+    stack = [{"path": str(kept), "name": "x", "scale": 0.5, "enabled": True},
+             {"path": str(studio.artifact_dir / "gone.safetensors"), "name": "y", "scale": 1.0, "enabled": True}]
+    alice, bob = SimpleNamespace(username="alice"), SimpleNamespace(username="bob")
+    saved = studio.remember({}, job.id, stack, alice)
+    *pickers, restored_stack, _ = studio.restore(saved, alice)
+    assert [p.get("value") for p in pickers] == [job.id, job.id]  # the Train picker (a train job) and the Jobs picker
+    assert [item["name"] for item in restored_stack] == ["x"]  # the missing file is dropped
+    *pickers, restored_stack, _ = studio.restore(saved, bob)
+    assert restored_stack == [] and all("value" not in p for p in pickers)
+
+
+def test_defaults_that_show_something(tmp_path):
+    """The method's own learning rate (its toy-model rate on the toy model), in the page and the loop, and
+    validation on the first caption every quarter of a run of 100+ steps."""
+    from studio.trainers.base import TrainConfig, recommended_learning_rate, with_defaults
+    from studio.ui.app import Studio
+
+    studio = Studio(tmp_path / "data", workers=0)
+    assert [studio.recommended_rate(m, studio.default_model) for m in ("lora", "oft", "boft", "sara")] == \
+        ["0.001", "0.00025", "0.0005", "0.003"]
+    assert recommended_learning_rate("oft", "path/to/sd15") == 1e-4
+    filled = with_defaults(TrainConfig(method="oft", max_train_steps=400), "a red sks")
+    assert (filled.learning_rate, filled.validation_steps, filled.validation_prompt) == (2.5e-4, 100, "a red sks")
+    assert with_defaults(TrainConfig(max_train_steps=20), "x").validation_steps == 0  # a short run: no validation
+    assert with_defaults(TrainConfig(max_train_steps=400, validation_steps=0, learning_rate=0.01), "x").validation_steps == 0
