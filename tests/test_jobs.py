@@ -150,7 +150,11 @@ def test_the_page_restores_a_session_for_its_own_user_only(tmp_path, toy_artifac
 def test_defaults_that_show_something(tmp_path):
     """The method's own learning rate (its toy-model rate on the toy model), in the page and the loop, and
     validation on the first caption every quarter of a run of 100+ steps."""
-    from studio.trainers.base import TrainConfig, recommended_learning_rate, with_defaults
+    from studio.trainers.base import (
+        TrainConfig,
+        recommended_learning_rate,
+        with_defaults,
+    )
     from studio.ui.app import Studio
 
     studio = Studio(tmp_path / "data", workers=0)
