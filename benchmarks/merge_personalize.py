@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 
 
-def merge(parts: list[dict]) -> dict:
-    """The union of the parts' methods, with their one shared `base` block.
+def merge(parts: list[dict], replace: bool = False) -> dict:
+    """The union of the parts' methods, with their one shared `base` block; with `replace`, a method in a later part
+    replaces the same method in an earlier one (a recipe re-scored), else a method in two parts is an error.
 
     Example:
         >>> merge([{"oft": {"fidelity": 0.9}, "base": {"n": 1}}, {"boft": {"fidelity": 0.8}, "base": {"n": 1}}])
@@ -32,8 +33,8 @@ def merge(parts: list[dict]) -> dict:
     for part in parts:
         for name, result in part.items():
             if name != "base":
-                if name in merged:
-                    raise SystemExit(f"error: {name} is in two parts; keep one")
+                if name in merged and not replace:
+                    raise SystemExit(f"error: {name} is in two parts; keep one, or pass --replace to keep the later")
                 merged[name] = result
     return {**merged, "base": bases[0]}
 
@@ -42,11 +43,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="+", help="JSON files written by studio bench personalize --output")
     parser.add_argument("--output", required=True)
+    parser.add_argument("--replace", action="store_true", help="a method in a later part replaces it in an earlier one")
     args = parser.parse_args()
     missing = [p for p in args.parts if not Path(p).is_file()]
     if missing:
         sys.exit(f"error: not found: {', '.join(missing)}")
-    result = merge([json.loads(Path(p).read_text()) for p in args.parts])
+    result = merge([json.loads(Path(p).read_text()) for p in args.parts], replace=args.replace)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}: {', '.join(k for k in result if k != 'base')}")
 
