@@ -890,7 +890,7 @@ def _jobs_tab(studio: Studio, timer: gr.Timer) -> gr.Dropdown:
     log = gr.Textbox(label="log", lines=12, max_lines=12, autoscroll=True)
 
     def refresh(job_id):
-        return (gr.update(value=studio.job_table()), gr.update(choices=studio.job_choices(), value=job_id),
+        return (gr.update(value=studio.job_table()), gr.update(choices=studio.job_choices()),  # value kept: a reload restores it
                 *studio.job_details(job_id))
 
     timer.tick(refresh, job, [table, job, status, command, outputs, validation, log], show_progress="hidden",
