@@ -2,21 +2,36 @@
 
 Every method's file says, per layer, how it changes that layer's weight
 (`studio.adapters.<method>.transform(weight, params, scale, config)`): LoRA adds
-B A, OFT and BOFT rotate, SaRA scatter-adds. `apply` wraps each touched layer
-once in an `AdaptedLayer` that keeps the untouched base layer and an ordered
-stack of such transforms, so artifacts of different methods compose on one
-layer, each with its own scale, and the effective weight is computed once and
-cached until a scale changes.
+B A, OFT and BOFT rotate, SaRA scatter-adds. `apply` attaches to each touched
+Linear/Conv2d a forward hook (`StudioHook`, one per layer, through diffusers'
+`HookRegistry`) holding an ordered stack of such transforms: the layer keeps
+its class, its parameters and their state-dict keys, so diffusers' and PEFT's
+own loaders treat it as the plain layer it is. The effective weight is
+computed once and cached until something it depends on changes.
+
+Why a hook and not a wrapper module: a wrapper changes the layer's type and
+keys, so a later `pipe.load_lora_weights` refuses it ("Target module ... is not
+supported"), and a wrapper posing as a PEFT layer breaks PEFT's merge, scaling
+and unload. A hook on the plain layer survives PEFT's injection, merge and
+unload (see docs/architecture.md, "Attaching").
+
+Order. Transforms compose in the order they were applied, stock adapters
+included: each of our transforms acts on the weight as it stood when it was
+applied. Apply an OFT after `pipe.load_lora_weights(...)` and the LoRA's update
+is rotated too, W' = (W + B A) R^T; load the LoRA after the OFT and it adds on
+top, W' = W R^T + B A. Additive methods (LoRA, SaRA) commute, so for them the
+order changes nothing. Stock LoRA scales (`set_adapters`), enabling and
+disabling, `fuse_lora` and `unload_lora_weights` are honoured at every call.
+
+A file's keys start with the pipeline part they change (`unet.`, and for a
+LoRA trained with `--train-text-encoder` also `text_encoder.` and, on SDXL,
+`text_encoder_2.`: the method's `COMPONENTS`); the text encoders' layers are
+hooked, scaled, fused and removed exactly like the UNet's.
 
 We do this ourselves rather than through diffusers' `set_adapters`/`fuse_lora`
 because those handle LoRA only (OFT raises, scaled fuse is ignored) and their
 fuse/unfuse subtracts deltas back out, which drifts; here `fuse` keeps the
 original weight and `unfuse` restores it bit-exactly.
-
-A file's keys start with the pipeline part they change (`unet.`, and for a
-LoRA trained with `--train-text-encoder` also `text_encoder.` and, on SDXL,
-`text_encoder_2.`: the method's `COMPONENTS`); the text encoders' layers are
-wrapped, scaled, fused and removed exactly like the UNet's.
 
 Example:
     >>> from studio.pipeline import load
@@ -27,17 +42,20 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 from safetensors.torch import load_file
 from torch import nn
 
 from studio import registry
 from studio.artifact import check_fingerprint, read_header
 from studio.errors import StudioError
-from studio.targets import layer_forward, model_module_name, replace_module
+from studio.targets import layer_forward, model_module_name
+
+HOOK_NAME = "studio"  # our hook's name in each layer's diffusers HookRegistry
 
 
 @dataclass
@@ -47,40 +65,114 @@ class _Stacked:
     config: dict
     scale: float = 1.0
     enabled: bool = True
+    # The stock (PEFT) adapters already on the layer when this artifact was applied: they lie under it.
+    below: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def on(self) -> bool:
+        return self.enabled and self.scale != 0
 
 
-class AdaptedLayer(nn.Module):
-    """A Linear/Conv2d carrying a stack of artifact transforms, applied in order to its weight."""
+def _stock_layer(module: nn.Module):
+    """The PEFT LoRA layer `module` is, or None for a plain layer; anything else that wraps a layer is refused."""
+    if not hasattr(module, "base_layer"):
+        return None
+    from peft.tuners.lora import LoraLayer
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    if not isinstance(module, LoraLayer):
+        raise StudioError(f"the layer carries a {type(module).__name__}, which studio artifacts cannot share a layer "
+                          "with; unload that adapter first")
+    variants = getattr(module, "lora_variant", {})
+    with_bias = [name for name, on in getattr(module, "lora_bias", {}).items() if on]
+    if variants or with_bias:
+        raise StudioError(f"the layer carries a PEFT LoRA variant ({', '.join(sorted(variants) + with_bias)}: DoRA or "
+                          "LoRA bias), whose update depends on the weight under it; unload it first")
+    return module
+
+
+def _stock_state(stock) -> tuple:
+    """Everything of a PEFT LoRA layer that our effective weight depends on (a cache key)."""
+    if stock is None:
+        return ()
+    return (stock.disable_adapters, tuple(stock.active_adapters), tuple(stock.merged_adapters),
+            tuple((a, stock.scaling[a], stock.lora_A[a].weight._version, stock.lora_B[a].weight._version)
+                  for a in sorted(stock.lora_A)))
+
+
+class StudioHook(ModelHook):
+    """The artifacts on one Linear/Conv2d, in the order applied, run as the layer's forward.
+
+    `model` and `path` say where the layer sits, so a stock PEFT LoRA layer that wraps it later is found
+    (its LoRA updates are placed in the stack by when they were loaded; see the module docstring).
+    """
+
+    def __init__(self, model: nn.Module, path: str) -> None:
         super().__init__()
-        self.base_layer = base_layer
+        self.model, self.path = model, path
         self.stack: dict[str, _Stacked] = {}
         self.original: torch.Tensor | None = None  # set while fused
         self._cached: torch.Tensor | None = None
+        self._key: tuple | None = None
 
     def invalidate(self) -> None:
         self._cached = None
 
-    def effective_weight(self) -> torch.Tensor:
-        if self._cached is None:
-            weight = self.base_layer.weight if self.original is None else self.original
-            with torch.no_grad():
-                for entry in self.stack.values():
-                    if entry.enabled and entry.scale != 0:
-                        adapter = registry.get(entry.method).adapter
-                        weight = adapter.transform(weight, entry.params, entry.scale, entry.config)
-            self._cached = weight
-        return self._cached
-
     @property
     def active(self) -> bool:
-        return any(e.enabled and e.scale != 0 for e in self.stack.values())
+        return any(entry.on for entry in self.stack.values())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def stock(self, layer: nn.Module):
+        """The PEFT LoRA layer wrapping `layer` at this path now, or None."""
+        outer = self.model.get_submodule(self.path)
+        return None if outer is layer else _stock_layer(outer)
+
+    def effective_weight(self, layer: nn.Module) -> torch.Tensor:
+        """The weight `layer` computes with, so that with PEFT's additions after it the result is the stack
+        composed in order: W0 (stock updates merged into the weight taken out), then per artifact the stock
+        updates applied before it and its transform, then the later stock updates; minus what PEFT's own
+        forward adds on top."""
+        stock = self.stock(layer)
+        key = (layer.weight._version, layer.weight.data_ptr(), _stock_state(stock))
+        if self._cached is not None and key == self._key:
+            return self._cached
+        with torch.no_grad():
+            weight = layer.weight
+            merged, added, deltas = set(), set(), {}
+            if stock is not None:
+                merged = set(stock.merged_adapters)
+                if not (stock.disable_adapters or stock.merged):
+                    added = {a for a in stock.active_adapters if a in stock.lora_A}
+                deltas = {a: stock.get_delta_weight(a) for a in merged | added}
+                for a in merged:
+                    weight = weight - deltas[a]
+            pending = set(deltas)
+            for entry in self.stack.values():
+                for a in sorted(pending & entry.below):
+                    weight = weight + deltas[a]
+                pending -= entry.below
+                if entry.on:
+                    weight = registry.get(entry.method).adapter.transform(weight, entry.params, entry.scale, entry.config)
+            for a in sorted(pending):
+                weight = weight + deltas[a]
+            for a in added:
+                weight = weight - deltas[a]
+        self._cached, self._key = weight, key
+        return weight
+
+    def new_forward(self, module: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.original is not None or not self.active:
-            return self.base_layer(x)  # fused (the weight already holds the stack), or nothing to do
-        return layer_forward(self.base_layer, x, self.effective_weight())
+            return self.fn_ref.original_forward(x, *args, **kwargs)  # fused (the weight holds the stack), or nothing on
+        return layer_forward(module, x, self.effective_weight(module))
+
+
+def _plain_layer(module: nn.Module) -> nn.Module:
+    """The Linear/Conv2d at a layer's path: itself, or the base layer of the PEFT LoRA layer wrapping it."""
+    return module.get_base_layer() if _stock_layer(module) is not None else module
+
+
+def _hook(layer: nn.Module) -> StudioHook | None:
+    registry_ = getattr(layer, "_diffusers_hook", None)
+    return registry_.get_hook(HOOK_NAME) if registry_ is not None else None
 
 
 NO_TENSORS = "the file holds no tensors this method recognises; was it converted from another format?"
@@ -125,28 +217,37 @@ def split_by_module(tensors: dict[str, torch.Tensor], adapter, prefix: str | Non
 
 
 def _registry(pipe) -> dict[str, list[tuple[str, str]]]:
-    """Artifact name -> the (pipeline part, layer name) pairs it touches, kept on the pipeline."""
+    """Artifact name -> the (pipeline part, layer path) pairs it touches, kept on the pipeline."""
     if not hasattr(pipe, "_studio_artifacts"):
         pipe._studio_artifacts = {}
     return pipe._studio_artifacts
 
 
-def _layers(pipe, name: str) -> list[AdaptedLayer]:
-    return [getattr(pipe, part).get_submodule(layer) for part, layer in _registry(pipe)[name]]
+def _hooks(pipe, name: str | None = None) -> list[StudioHook]:
+    """The hooks of the layers artifact `name` touches (every artifact's when None), each once."""
+    names = [name] if name is not None else list(_registry(pipe))
+    hooks: dict[int, StudioHook] = {}
+    for artifact in names:
+        for part, path in _registry(pipe)[artifact]:
+            hook = _hook(_plain_layer(getattr(pipe, part).get_submodule(path)))
+            hooks[id(hook)] = hook
+    return list(hooks.values())
 
 
-def _adapted_layers(pipe) -> list[AdaptedLayer]:
-    """Every wrapped layer of the pipeline, in the UNet and the text encoders alike."""
-    return [m for part in pipe.components.values() if isinstance(part, nn.Module)
-            for m in part.modules() if isinstance(m, AdaptedLayer)]
+def _stock_names(model: nn.Module) -> set[str]:
+    return set(getattr(model, "peft_config", None) or {})
 
 
 def apply(pipe, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
     """Attach the artifact at `path` to `pipe` at `scale`; return its name (default: the file stem,
     made unique: two runs' `lora.safetensors` are applied as `lora` and `lora-2`).
 
-    A file made on another base model is refused, naming the layers that differ. A LoRA with text-encoder
-    tensors changes the text encoder(s) too.
+    All or nothing: every check (the file's base model, each layer's type, the pipeline's state) comes
+    before the first layer changes, and a failure while attaching undoes what was attached. A file made on
+    another base model is refused, naming the layers that differ; so is a pipeline fused with
+    `studio.plugin.fuse` (unfuse it first). A stock LoRA already loaded (`pipe.load_lora_weights`) lies
+    under the artifact; one loaded later goes on top. A LoRA with text-encoder tensors changes the text
+    encoder(s) too.
 
     Example:
         >>> apply(pipe, "outputs/star/lora.safetensors", scale=0.8)  # doctest: +SKIP
@@ -163,8 +264,8 @@ def apply(pipe, path: str | Path, scale: float = 1.0, name: str | None = None) -
     if name in _registry(pipe):
         raise StudioError(f"an artifact named {name!r} is already applied; pass another name or remove it first")
     tensors = load_file(str(path))
-    # Per pipeline part: its layers' tensors, and the part, checked against the file's fingerprint first.
-    parts = {}
+    # 1. Check everything: per pipeline part its layers, each a Linear/Conv2d (maybe under a stock LoRA).
+    layers = []  # (part, model, layer path, plain layer, params)
     for part, prefix in components(method.adapter).items():
         grouped = split_by_module(tensors, method.adapter, prefix)
         if not grouped:
@@ -175,42 +276,55 @@ def apply(pipe, path: str | Path, scale: float = 1.0, name: str | None = None) -
                               "load the kind of model it was made for (a file with text_encoder_2 is for SDXL)")
         expected = header.fingerprint if part == "unet" else header.fingerprint.get(part, {})
         check_fingerprint(expected, model, path)
-        parts[part] = (model, grouped)
-    if not parts:
-        raise StudioError(f"{path}: {NO_TENSORS}")
-    if any(layer.original is not None for layer in _adapted_layers(pipe)):
-        raise StudioError("unfuse the pipeline before applying another artifact")
-    touched = []
-    for part, (model, grouped) in parts.items():
-        device, dtype = model.device, model.dtype
+        if name in _stock_names(model):
+            raise StudioError(f"a stock adapter named {name!r} is loaded on {part} (diffusers' load_lora_weights); "
+                              "pass another name")
         for file_name, params in grouped.items():
-            layer_name = model_module_name(model, file_name)
-            layer = model.get_submodule(layer_name)
-            if not isinstance(layer, AdaptedLayer):
-                if not isinstance(layer, (nn.Linear, nn.Conv2d)):
-                    raise StudioError(f"{path}: layer {part}.{file_name} is a {type(layer).__name__}, not a Linear or Conv2d")
-                layer = AdaptedLayer(layer)
-                replace_module(model, layer_name, layer)
+            layer_path = model_module_name(model, file_name)
+            try:
+                layer = _plain_layer(model.get_submodule(layer_path))
+            except StudioError as error:
+                raise StudioError(f"{path}: layer {part}.{file_name}: {error}") from None
+            if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+                raise StudioError(f"{path}: layer {part}.{file_name} is a {type(layer).__name__}, not a Linear or Conv2d")
+            layers.append((part, model, layer_path, layer, params))
+    if not layers:
+        raise StudioError(f"{path}: {NO_TENSORS}")
+    if any(hook.original is not None for hook in _hooks(pipe)):
+        raise StudioError("unfuse the pipeline (studio.plugin.unfuse) before applying another artifact")
+    # 2. Attach; undo on any failure, so the pipeline is either changed as a whole or not at all.
+    _registry(pipe)[name] = touched = []
+    try:
+        for part, model, layer_path, layer, params in layers:
+            hook = _hook(layer)
+            if hook is None:
+                hook = StudioHook(model, layer_path)
+                HookRegistry.check_if_exists_or_initialize(layer).register_hook(hook, HOOK_NAME)
+            device, dtype = layer.weight.device, layer.weight.dtype
             on_device = {k: v.to(device) if k.endswith("indices") else v.to(device, dtype) for k, v in params.items()}
-            layer.stack[name] = _Stacked(header.method, on_device, header.config, scale)
-            layer.invalidate()
-            touched.append((part, layer_name))
-    _registry(pipe)[name] = touched
+            stock = hook.stock(layer)
+            below = frozenset(stock.lora_A) if stock is not None else frozenset()
+            hook.stack[name] = _Stacked(header.method, on_device, header.config, scale, below=below)
+            hook.invalidate()
+            touched.append((part, layer_path))
+    except BaseException:
+        remove(pipe, name)
+        raise
     return name
 
 
 def set_scale(pipe, name: str, scale: float) -> None:
     """Change the scale of an applied artifact (0 switches it off)."""
-    for layer in _layers(pipe, _known(pipe, name)):
-        layer.stack[name].scale = scale
-        layer.invalidate()
+    for hook in _hooks(pipe, _known(pipe, name)):
+        hook.stack[name].scale = scale
+        hook.invalidate()
 
 
 def set_enabled(pipe, name: str, enabled: bool) -> None:
     """Switch an applied artifact on or off without forgetting it."""
-    for layer in _layers(pipe, _known(pipe, name)):
-        layer.stack[name].enabled = enabled
-        layer.invalidate()
+    for hook in _hooks(pipe, _known(pipe, name)):
+        hook.stack[name].enabled = enabled
+        hook.invalidate()
 
 
 def compose(pipe, artifacts: list[tuple[str | Path, float]]) -> list[str]:
@@ -223,37 +337,54 @@ def compose(pipe, artifacts: list[tuple[str | Path, float]]) -> list[str]:
     return [apply(pipe, path, scale) for path, scale in artifacts]
 
 
+def _hooked_layers(pipe) -> list[tuple[nn.Module, StudioHook]]:
+    """Every hooked layer of the pipeline with its hook, in the UNet and the text encoders alike."""
+    return [(module, hook) for part in pipe.components.values() if isinstance(part, nn.Module)
+            for module in part.modules() if (hook := _hook(module)) is not None]
+
+
 def fuse(pipe) -> None:
-    """Write every adapted layer's effective weight into the layer, keeping the original for `unfuse`."""
-    for layer in _adapted_layers(pipe):
-        if layer.original is None and layer.active:
-            weight = layer.effective_weight()
-            layer.original = layer.base_layer.weight.data.clone()
-            layer.base_layer.weight.data.copy_(weight)
-            layer.invalidate()
+    """Write every hooked layer's effective weight into the layer, keeping the original for `unfuse`.
+
+    Refused (nothing changed) where a stock LoRA shares a layer with an artifact: its scale could change
+    after the fuse; fuse it with `pipe.fuse_lora()` or unload it first.
+    """
+    layers = [(layer, hook) for layer, hook in _hooked_layers(pipe) if hook.original is None and hook.active]
+    shared = [hook.path for layer, hook in layers if hook.stock(layer) is not None and hook.stock(layer).lora_A]
+    if shared:
+        raise StudioError(f"{len(shared)} layer(s) carry a stock LoRA beside a studio artifact (first: {shared[0]}); "
+                          "fuse the stock LoRA with pipe.fuse_lora() or unload it before studio.plugin.fuse")
+    for layer, hook in layers:
+        weight = hook.effective_weight(layer)
+        hook.original = layer.weight.data.clone()
+        layer.weight.data.copy_(weight)
+        hook.invalidate()
 
 
 def unfuse(pipe) -> None:
     """Restore every fused layer's original weight, bit for bit."""
-    for layer in _adapted_layers(pipe):
-        if layer.original is not None:
-            layer.base_layer.weight.data.copy_(layer.original)
-            layer.original = None
-            layer.invalidate()
+    for layer, hook in _hooked_layers(pipe):
+        if hook.original is not None:
+            layer.weight.data.copy_(hook.original)
+            hook.original = None
+            hook.invalidate()
 
 
 def remove(pipe, name: str) -> None:
-    """Take an artifact off; layers left with nothing on them are put back as they were."""
+    """Take an artifact off; layers left with nothing on them are put back as they were (hook removed)."""
     entries = _registry(pipe)[_known(pipe, name)]
-    if any(layer.original is not None for layer in _layers(pipe, name)):
-        raise StudioError("unfuse the pipeline before removing an artifact")
-    for part, layer_name in entries:
-        model = getattr(pipe, part)
-        layer = model.get_submodule(layer_name)
-        del layer.stack[name]
-        layer.invalidate()
-        if not layer.stack:
-            replace_module(model, layer_name, layer.base_layer)
+    if any(hook.original is not None for hook in _hooks(pipe, name)):
+        raise StudioError("unfuse the pipeline (studio.plugin.unfuse) before removing an artifact")
+    for part, layer_path in entries:
+        layer = _plain_layer(getattr(pipe, part).get_submodule(layer_path))
+        hook = _hook(layer)
+        hook.stack.pop(name, None)
+        hook.invalidate()
+        if not hook.stack:
+            hooks = layer._diffusers_hook
+            hooks.remove_hook(HOOK_NAME, recurse=False)
+            if not hooks.hooks:
+                del layer._diffusers_hook
     del _registry(pipe)[name]
 
 

@@ -165,3 +165,29 @@ def perturb_trainable(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -
     for p in model.parameters():
         if p.requires_grad:
             p.add_(torch.randn(p.shape, generator=generator).to(p) * std)
+
+
+def random_artifact(path, method: str, config, seed: int = 0, pipe=None):
+    """Write an artifact of `method` as if trained on `pipe` (default `tiny_sd_pipeline()`): the method
+    injected with `config`, its parameters perturbed (`perturb_trainable`), saved with the studio header.
+    Returns the path.
+
+    Example:
+        >>> import tempfile
+        >>> from studio.adapters.lora import LoRAConfig
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     random_artifact(f"{folder}/lora.safetensors", "lora", LoRAConfig(rank=2)).name
+        'lora.safetensors'
+    """
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from studio import registry
+    from studio.artifact import fingerprint, save_artifact
+
+    adapter = registry.get(method).adapter
+    pipe = pipe if pipe is not None else tiny_sd_pipeline()
+    names = adapter.inject(pipe.unet, config)
+    perturb_trainable(pipe.unet, seed=seed)
+    return save_artifact(Path(path), adapter.state_dict(pipe.unet), method, asdict(config), fingerprint(pipe.unet, names),
+                         extra_metadata=adapter.file_metadata(config))
