@@ -50,6 +50,9 @@ class BOFTConfig:
     target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
 
 
+CONFIG = BOFTConfig  # the method's options: CLI flags, TOML keys and form fields (studio.registry.Method.config)
+
+
 def butterfly_permutation(dim: int, n_groups: int, half_block: int) -> torch.Tensor:
     """Indices of one butterfly permutation (PEFT's `block_butterfly_perm`): (P x)[j] = x[perm[j]].
 

@@ -50,6 +50,9 @@ class LoRAConfig:
     target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
 
 
+CONFIG = LoRAConfig  # the method's options: CLI flags, TOML keys and form fields (studio.registry.Method.config)
+
+
 A_PARAM = "lora_A.weight"
 B_PARAM = "lora_B.weight"
 PARAMS = (A_PARAM, B_PARAM)

@@ -48,6 +48,9 @@ class OFTConfig:
     target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
 
 
+CONFIG = OFTConfig  # the method's options: CLI flags, TOML keys and form fields (studio.registry.Method.config)
+
+
 def project_coft(params: torch.Tensor, block_size: int, eps: float) -> torch.Tensor:
     """COFT: scale each block's Q back onto the ball ||Q||_F <= eps / sqrt(n_blocks) (PEFT's radius)."""
     radius = eps / params.shape[0] ** 0.5

@@ -53,6 +53,9 @@ class SaRAConfig:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
 
 
+CONFIG = SaRAConfig  # the method's options: CLI flags, TOML keys and form fields (studio.registry.Method.config)
+
+
 def smallest_indices(weight: torch.Tensor, fraction: float) -> tuple[torch.Tensor, float]:
     """Flat indices of the `fraction` smallest |w|, and the threshold |w| below which they lie."""
     if not 0 < fraction <= 1:

@@ -47,7 +47,7 @@ def parse_options(method: str, pairs: list[str]) -> dict:
         if key in raw:
             raise StudioError(f"--option {key} given twice ({raw[key]!r} and {value!r}); give it once")
         raw[key] = value.strip()
-    config = registry.get(method).trainer.default_config(raw)  # unknown keys and bad values raise, naming them
+    config = registry.get(method).config(raw)  # unknown keys and bad values raise, naming them
     return {key: getattr(config, key) for key in raw}
 
 

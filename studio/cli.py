@@ -215,7 +215,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
             add_config_flag(parser, f, hints[f.name])
     seen = set()
     for method in registry.METHODS.values():
-        config_cls = type(method.trainer.default_config({}))
+        config_cls = method.config_class
         method_hints = typing.get_type_hints(config_cls)
         for f in dataclasses.fields(config_cls):
             if f.name not in seen:
@@ -245,18 +245,18 @@ def train_config_from_args(args: argparse.Namespace):
     values.setdefault("model", args.model)
     method = registry.get(values.get("method", TrainConfig.method))
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    method_fields = {f.name for f in dataclasses.fields(type(method.trainer.default_config({})))}
+    method_fields = {f.name for f in dataclasses.fields(method.config_class)}
     options = {k: v for k, v in values.items() if k in method_fields}
     other = sorted(k for k in values if k not in train_fields | method_fields | {"device", "dtype", "xformers"})
     if other:
         owners = [m.name for m in registry.METHODS.values()
-                  if other[0] in {f.name for f in dataclasses.fields(type(m.trainer.default_config({})))}]
+                  if other[0] in {f.name for f in dataclasses.fields(m.config_class)}]
         where = f"an option of --method {' / '.join(owners)}" if owners else "not an option of studio train"
         raise StudioError(f"{flag(other[0])} is {where}, not of --method {method.name}: "
                           f"choose that method or drop {flag(other[0])}")
     config = config_from_options(TrainConfig, {k: v for k, v in values.items() if k in train_fields})
     config.method_options = options
-    method.trainer.default_config(options)  # each method option converted and range-checked, like the loop's
+    method.config(options)  # each method option converted and range-checked, like the loop's
     check_text_encoder_options(config, method.adapter)
     return config
 

@@ -1,15 +1,16 @@
 """The method registry: every method is registered here once, by name.
 
-A method is a pair of modules, `studio.adapters.<name>` (what it is: config,
-layers, how its file changes a weight) and `studio.trainers.<name>` (how it
-is learned). The CLI, the web app and the plugin find methods here and never
-name one in an if/else chain. Modules are imported on first use, so listing
-methods is cheap.
+A method is `studio.adapters.<name>` (what it is: config, layers, how its file
+changes a weight) and a trainer (how it is learned: `trainers/base.py`'s
+`MethodTrainer`, the loop contract, or a subclass of it in
+`studio.trainers.<name>` where the method needs more than the default). The
+CLI, the web app and the plugin find methods here and never name one in an
+if/else chain. Modules are imported on first use, so listing methods is cheap.
 
 Example:
     >>> sorted(METHODS)[:2]
     ['boft', 'lora']
-    >>> get("oft").adapter.OFTConfig().block_size
+    >>> get("oft").config({}).block_size
     32
 """
 
@@ -20,32 +21,56 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from studio.errors import StudioError
+from studio.options import config_from_options
+
+DEFAULT_TRAINER = "studio.trainers.base:MethodTrainer"
 
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method: its name, its kind of job, and where its two halves live."""
+    """A registered method: its name, its kind of job, its default learning rates and where its halves live."""
 
     name: str
     kind: str  # "adapter" (train & apply), "erase", "quantize", ...
     summary: str
+    # The default --learning-rate on the toy model: the `studio bench personalize` recipe's, measured there.
+    toy_learning_rate: float
+    learning_rate: float = 1e-4  # elsewhere: a starting point, not tuned here
+    trainer_class: str = DEFAULT_TRAINER  # "module:Class", a MethodTrainer
 
     @property
     def adapter(self) -> ModuleType:
         return importlib.import_module(f"studio.adapters.{self.name}")
 
     @property
-    def trainer(self) -> ModuleType:
-        return importlib.import_module(f"studio.trainers.{self.name}")
+    def config_class(self) -> type:
+        """The method's options dataclass (`adapters/<name>.py`'s `CONFIG`)."""
+        return self.adapter.CONFIG
+
+    def config(self, options: dict):
+        """The method's config from CLI/TOML options, converted and range-checked (unknown keys are an error).
+
+        Example:
+            >>> get("lora").config({"rank": "8"}).rank
+            8
+        """
+        return config_from_options(self.config_class, options)
+
+    @property
+    def trainer(self):
+        """How the method is learned: its `MethodTrainer` (trainers/base.py)."""
+        module, _, cls = self.trainer_class.partition(":")
+        return getattr(importlib.import_module(module), cls)(self)
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("lora", "adapter", "low-rank update W + (alpha/r) B A, through PEFT"),
-        Method("oft", "adapter", "block-diagonal orthogonal rotation of each weight's input side"),
-        Method("boft", "adapter", "butterfly-factorised orthogonal rotation and per-output scale"),
-        Method("sara", "adapter", "sparse update of each weight's smallest entries"),
+        Method("lora", "adapter", "low-rank update W + (alpha/r) B A, through PEFT", toy_learning_rate=1e-3),
+        Method("oft", "adapter", "block-diagonal orthogonal rotation of each weight's input side", toy_learning_rate=2.5e-4),
+        Method("boft", "adapter", "butterfly-factorised orthogonal rotation and per-output scale", toy_learning_rate=5e-4),
+        Method("sara", "adapter", "sparse update of each weight's smallest entries", toy_learning_rate=3e-3,
+               trainer_class="studio.trainers.sara:SaRATrainer"),
     ]
 }
 

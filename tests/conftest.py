@@ -33,7 +33,7 @@ def toy_artifact(tmp_path):
 
     unet = load("toy", device="cpu").unet
     adapter = registry.get("lora").adapter
-    config = registry.get("lora").trainer.default_config({})
+    config = registry.get("lora").config({})
     names = adapter.inject(unet, config)
     path = tmp_path / "lora.safetensors"
     save_artifact(path, adapter.state_dict(unet), "lora", dataclasses.asdict(config), fingerprint(unet, names),

@@ -29,7 +29,7 @@ def test_the_table_covers_every_ranged_option():
     from studio.options import RANGE_KEY, flag
     from studio.sample import SampleSettings
 
-    configs = [TrainConfig, SampleSettings] + [type(m.trainer.default_config({})) for m in registry.METHODS.values()]
+    configs = [TrainConfig, SampleSettings] + [m.config_class for m in registry.METHODS.values()]
     ranged = {f.metadata.get("flag", flag(f.name)) for c in configs for f in dataclasses.fields(c) if RANGE_KEY in f.metadata}
     assert len(ROWS) >= 30
     assert ranged <= {option for _, option, _, _, _ in ROWS}
@@ -105,14 +105,14 @@ def test_page_refuses_alike_before_a_job_exists(studio_app, command, option, val
 def boolean_options() -> list[tuple[str, str]]:
     from studio.trainers.base import TrainConfig
 
-    configs = [TrainConfig] + [type(m.trainer.default_config({})) for m in registry.METHODS.values()]
+    configs = [TrainConfig] + [m.config_class for m in registry.METHODS.values()]
     return sorted({(f.name, c.__name__) for c in configs for f in dataclasses.fields(c)
                    if typing.get_type_hints(c)[f.name] is bool})
 
 
 def method_for(config_name: str) -> str:
     return next((m.name for m in registry.METHODS.values()
-                 if type(m.trainer.default_config({})).__name__ == config_name), "lora")
+                 if m.config_class.__name__ == config_name), "lora")
 
 
 @pytest.mark.parametrize("name, owner", boolean_options())

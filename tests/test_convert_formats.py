@@ -63,7 +63,7 @@ def _unet_output(unet) -> torch.Tensor:
 def _artifact(base_unet, method: str, options: dict, targets: list[str], path, seed: int = 0):
     """Our artifact of `method` on `targets` of a copy of `base_unet`, with every trainable parameter moved."""
     adapter = registry.get(method).adapter
-    config = registry.get(method).trainer.default_config({**options, "target_modules": targets})
+    config = registry.get(method).config({**options, "target_modules": targets})
     unet = copy.deepcopy(base_unet)
     names = adapter.inject(unet, config)
     perturb_trainable(unet, seed=seed)

@@ -70,7 +70,7 @@ def test_form_fields_become_the_cli_flags():
     common = {f.name: f for f in config_fields("common", TrainConfig)}
     from studio import registry
 
-    lora = {f.name: f for f in config_fields("lora", registry.get("lora").trainer.default_config({}))}
+    lora = {f.name: f for f in config_fields("lora", registry.get("lora").config({}))}
     assert common["max_train_steps"].argv(20.0) == ["--max-train-steps", "20"]
     assert common["max_train_steps"].argv(500) == []  # the default is left out
     assert common["gradient_checkpointing"].argv(True) == ["--gradient-checkpointing"]

@@ -127,7 +127,7 @@ def test_every_registered_method_trains_from_its_generated_form(studio_server):
         params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/start_train"]["parameters"]
         labels = [p["label"] for p in params]
         first_option = labels.index("rank")  # lora's group comes first, then the others in registry order
-        group_start = first_option + sum(len(registry.get(m).trainer.default_config({}).__dataclass_fields__)
+        group_start = first_option + sum(len(registry.get(m).config({}).__dataclass_fields__)
                                          for m in list(changed)[:list(changed).index(method)])
         values[labels.index(label, group_start)] = value
         jobs[method] = start(client, values)[0]

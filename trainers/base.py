@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -107,8 +107,8 @@ def recommended_learning_rate(method: str, model: str) -> float:
         >>> recommended_learning_rate("lora", "toy"), recommended_learning_rate("lora", "path/to/sd15")
         (0.001, 0.0001)
     """
-    trainer = registry.get(method).trainer
-    return trainer.TOY_LEARNING_RATE if model == TOY_MODEL else trainer.LEARNING_RATE
+    registered = registry.get(method)
+    return registered.toy_learning_rate if model == TOY_MODEL else registered.learning_rate
 
 
 def with_defaults(config: TrainConfig, first_caption: str) -> TrainConfig:
@@ -313,6 +313,86 @@ def batch_loss(unet, cached: Cached, config: TrainConfig, noise_scheduler, rng, 
     return per_example.mean()
 
 
+@dataclass
+class Loop:
+    """What a method's trainer sees of a run, built once by `train` after the data is cached."""
+
+    config: TrainConfig
+    method_config: Any
+    pipe: Any
+    models: dict[str, torch.nn.Module]  # the trained parts by name ("unet", "text_encoder"), as accelerate prepared them
+    data: list[Cached]  # the training set, then the prior-preservation set if any
+    noise_scheduler: Any
+    live_text: LiveText | None
+    accelerator: Any
+
+    def unwrap(self, part: str = "unet") -> torch.nn.Module:
+        """A trained part without accelerate's wrapper (DDP), e.g. to read its layers."""
+        return self.accelerator.unwrap_model(self.models[part])
+
+
+class MethodTrainer:
+    """How a method is learned: the contract between a method and the one loop (`train`).
+
+    The defaults are those of a per-layer weight method trained on the denoising loss of (image, caption)
+    pairs, which is all LoRA, OFT and BOFT need; a method that needs more subclasses this in
+    `trainers/<method>.py` and names the class in its `studio/registry.py` line (SaRA adds a loss term and a
+    half-way re-selection). `train` calls, in this order:
+
+    1. `attach(pipe, method_config, train_text_encoder)` once, before any data is read: put the trainable
+       layers on the pipeline, freeze the rest, return the touched layer names per part. A model-dependent
+       bad option fails here, before anything is written.
+    2. `loss(loop, rng, generator)` every step, with that step's seeded generators: draw every random choice
+       from them, so a resumed run ends with the same weights.
+    3. `after_step(loop, step, optimizer)` after every optimizer step (`step` counts from 1).
+    4. `artifact(loop)` once at the end: the file's tensors and its extra header entries.
+
+    Parts named like the pipeline's text encoders train at `--text-encoder-lr`, every other part at
+    `--learning-rate`; all train with AdamW and `weight_decay`.
+
+    Example:
+        >>> registry.get("oft").trainer.weight_decay
+        0.0
+    """
+
+    weight_decay = 0.0  # orthogonal and low-rank methods use none: decay would pull R to I / B A to 0
+
+    def __init__(self, method: registry.Method) -> None:
+        self.method = method
+        self.adapter = method.adapter
+
+    def attach(self, pipe, method_config, train_text_encoder: bool = False) -> dict[str, list[str]]:
+        """The method's layers on the UNet (and with `train_text_encoder` on each text encoder); the names
+        of the wrapped layers per pipeline part."""
+        parts = {"unet": self.adapter.inject(pipe.unet, method_config)}
+        if train_text_encoder:
+            for name in text_encoder_names(pipe):
+                parts[name] = self.adapter.inject_text_encoder(getattr(pipe, name), method_config)
+        return parts
+
+    def loss(self, loop: Loop, rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
+        """The denoising loss of one batch of the data, plus the prior set's weighted by `prior_loss_weight`."""
+        loss = 0.0
+        for which, part in enumerate(loop.data):
+            weight = loop.config.prior_loss_weight if which else 1.0
+            loss = loss + weight * batch_loss(loop.models["unet"], part, loop.config, loop.noise_scheduler, rng, generator,
+                                              loop.accelerator.device, loop.live_text)
+        return loss
+
+    def after_step(self, loop: Loop, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Nothing by default (SaRA re-selects its entries half-way)."""
+
+    def artifact(self, loop: Loop) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The file's tensors (each part's under its prefix) and the method's extra header entries."""
+        tensors = self.adapter.state_dict(loop.unwrap("unet"))
+        text_encoders = tuple(part for part in loop.models if part != "unet")
+        for part in text_encoders:
+            tensors.update(self.adapter.state_dict(loop.unwrap(part), part))
+        if text_encoders:
+            return tensors, self.adapter.file_metadata(loop.method_config, text_encoders=text_encoders)
+        return tensors, self.adapter.file_metadata(loop.method_config)
+
+
 def train(config: TrainConfig, method_config=None) -> TrainResult:
     """Train `config.method` on `config.data` and write `<output_dir>/<method>.safetensors`."""
     from accelerate import Accelerator
@@ -321,10 +401,9 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
     from diffusers import DDPMScheduler
     method = registry.get(config.method)
     trainer = method.trainer
-    adapter = method.adapter
     check_options(config)  # every option in its declared range (the CLI, TOML and page checked already)
-    check_text_encoder_options(config, adapter)
-    method_config = method_config or trainer.default_config(config.method_options)
+    check_text_encoder_options(config, method.adapter)
+    method_config = method_config or method.config(config.method_options)
     check_options(method_config)
     output_dir = Path(config.output_dir)
     if not config.data:
@@ -348,19 +427,18 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
     # train mode (their gradient checkpointing needs it).
     pipe = load(config.model, device=str(accelerator.device), dtype="fp32")
     pipe.set_progress_bar_config(disable=True)
-    unet = pipe.unet
-    names = adapter.inject(unet, method_config)
-    base_fingerprint = fingerprint(unet, names)
-    te_names = text_encoder_names(pipe) if config.train_text_encoder else []
-    text_encoders = [getattr(pipe, name) for name in te_names]
-    for name, text_encoder in zip(te_names, text_encoders):
-        base_fingerprint[name] = fingerprint(text_encoder, adapter.inject_text_encoder(text_encoder, method_config))
-        text_encoder.train()
+    parts = trainer.attach(pipe, method_config, config.train_text_encoder)
+    base_fingerprint = fingerprint(pipe.unet, parts["unet"])
+    models = {part: getattr(pipe, part) for part in parts}
+    for part, model in models.items():
+        if part != "unet":
+            base_fingerprint[part] = fingerprint(model, parts[part])
+        model.train()  # LoRA's dropout acts in train mode only; gradient checkpointing needs it
         if config.gradient_checkpointing:
-            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()  # LoRA's dropout acts in train mode only (the UNet's own dropout rates are 0)
+            if part == "unet":
+                model.enable_gradient_checkpointing()
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # 2. The data, encoded once (the wrapped layers are the identity until they train).
     resolution = config.resolution or default_size(pipe)[0]
@@ -374,15 +452,19 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
         cached.append(cache_examples(pipe, prior, cache_dir, config.model))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    params = [p for p in unet.parameters() if p.requires_grad]
-    te_params = [p for text_encoder in text_encoders for p in text_encoder.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params + te_params)
-    groups = [{"params": params}]
-    if te_params:
-        groups.append({"params": te_params, "lr": config.text_encoder_lr or config.learning_rate})
-    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=trainer.WEIGHT_DECAY)
-    unet, *text_encoders, optimizer = accelerator.prepare(unet, *text_encoders, optimizer)
-    live_text = LiveText(pipe, text_encoders) if text_encoders else None
+    # One parameter group per trained part: the text encoders at their own learning rate.
+    te_names = text_encoder_names(pipe)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]} for model in models.values()]
+    for group, part in zip(groups, models):
+        if part in te_names:
+            group["lr"] = config.text_encoder_lr or config.learning_rate
+    trainable = sum(p.numel() for group in groups for p in group["params"])
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=trainer.weight_decay)
+    *prepared, optimizer = accelerator.prepare(*models.values(), optimizer)
+    models = dict(zip(models, prepared))
+    text_encoders = [models[part] for part in models if part in te_names]
+    loop = Loop(config, method_config, pipe, models, cached, noise_scheduler,
+                LiveText(pipe, text_encoders) if text_encoders else None, accelerator)
 
     start_step = 0
     if config.resume:
@@ -390,7 +472,7 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
         if checkpoint is None or not checkpoint.is_dir():
             raise StudioError(f"no checkpoint to resume from ({config.resume}); checkpoints live in {output_dir / 'checkpoints'}")
         saved_models = len(list(checkpoint.glob("model*.safetensors")) + list(checkpoint.glob("pytorch_model*.bin")))
-        if saved_models and saved_models != 1 + len(text_encoders):  # the UNet, then each trained text encoder
+        if saved_models and saved_models != len(models):  # the UNet, then each trained text encoder
             raise StudioError(f"{checkpoint} was saved {'with' if saved_models > 1 else 'without'} --train-text-encoder; "
                               "resume with the setting it was started with")
         if not CHECKPOINT_PATTERN.fullmatch(checkpoint.name):
@@ -416,20 +498,12 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
         for step in bar:
             rng, generator = _step_generators(config.seed, step, accelerator.process_index)
             torch.manual_seed(int(rng.integers(2**31)))  # adapter dropout and the like
-            device = accelerator.device
-            with accelerator.accumulate(unet, *text_encoders):
-                # The data's loss, plus the prior set's (same batch size) weighted by prior_loss_weight.
-                loss = 0.0
-                for which, part in enumerate(cached):
-                    weight = config.prior_loss_weight if which else 1.0
-                    loss = loss + weight * batch_loss(unet, part, config, noise_scheduler, rng, generator, device, live_text)
-                if hasattr(trainer, "extra_loss"):  # a method's own term, e.g. SaRA's nuclear norm
-                    loss = loss + trainer.extra_loss(accelerator.unwrap_model(unet), method_config, rng)
+            with accelerator.accumulate(*models.values()):
+                loss = trainer.loss(loop, rng, generator)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            if hasattr(trainer, "after_step"):  # e.g. SaRA's progressive re-selection
-                trainer.after_step(accelerator.unwrap_model(unet), method_config, step + 1, config.max_train_steps, optimizer)
+            trainer.after_step(loop, step + 1, optimizer)
             loss_value = float(loss.detach())
             bar.set_postfix(loss=f"{loss_value:.4f}")
             accelerator.log({"loss": loss_value}, step=step + 1)
@@ -460,13 +534,7 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
     accelerator.wait_for_everyone()
     artifact = output_dir / f"{config.method}.safetensors"
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(unet)
-        tensors = adapter.state_dict(model)
-        metadata = adapter.file_metadata(method_config)
-        if te_names:
-            for name, text_encoder in zip(te_names, text_encoders):
-                tensors.update(adapter.state_dict(accelerator.unwrap_model(text_encoder), name))
-            metadata = adapter.file_metadata(method_config, text_encoders=tuple(te_names))
+        tensors, metadata = trainer.artifact(loop)
         if config.model == TOY_MODEL:  # caption words the toy vocabulary lacks ("sks"): its prompt warning spares them
             from studio.toy.vocabulary import unknown_words
 

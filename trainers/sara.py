@@ -1,4 +1,5 @@
-"""How SaRA is learned on the shared loop: the sparse deltas train, plus the reference's two extras.
+"""How SaRA is learned: the loop's default (the sparse deltas train on the denoising loss), plus the
+reference's two extras.
 
 - The nuclear-norm term: each step, lambda * ||delta||_* of one randomly chosen
   2-D layer whose smaller dim is at least `rank_min_dim` (as the reference does,
@@ -8,32 +9,23 @@
   fresh optimizer state.
 
 Example:
-    >>> default_config({"fraction": 0.05}).fraction
-    0.05
+    >>> from studio import registry
+    >>> type(registry.get("sara").trainer).__name__
+    'SaRATrainer'
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from studio.adapters.sara import SaRAConfig, SaRALayer, nuclear_norm
 from torch import nn
 
-from studio.options import config_from_options
-
-WEIGHT_DECAY = 0.0
-# The default --learning-rate: on the toy model, the `studio bench personalize` recipe's (measured there);
-# elsewhere a starting point, not tuned here.
-LEARNING_RATE = 1e-4
-TOY_LEARNING_RATE = 3e-3
+from studio.adapters.sara import SaRAConfig, SaRALayer, nuclear_norm
+from studio.trainers.base import Loop, MethodTrainer
 
 
-def default_config(options: dict) -> SaRAConfig:
-    """The method's config from CLI/TOML options (unknown keys are an error)."""
-    return config_from_options(SaRAConfig, options)
-
-
-def extra_loss(unet: nn.Module, config: SaRAConfig, rng) -> torch.Tensor | float:
-    """lambda * nuclear norm of one random eligible layer's delta."""
+def extra_loss(unet: nn.Module, config: SaRAConfig, rng: np.random.Generator) -> torch.Tensor | float:
+    """lambda * nuclear norm of one random eligible layer's delta (0 when lambda is 0 or no layer is eligible)."""
     if not config.rank_weight:
         return 0.0
     eligible = [
@@ -45,12 +37,18 @@ def extra_loss(unet: nn.Module, config: SaRAConfig, rng) -> torch.Tensor | float
     return config.rank_weight * nuclear_norm(eligible[int(rng.integers(len(eligible)))])
 
 
-def after_step(unet: nn.Module, config: SaRAConfig, step: int, total_steps: int, optimizer) -> None:
-    """At half of training, re-select the ineffective entries and restart the optimizer on them."""
-    if step != total_steps // 2:
-        return
-    for layer in unet.modules():
-        if isinstance(layer, SaRALayer):
-            layer.reselect()
-    # Fresh moments: frozen entries (zero gradient from now on) then never move, as in the reference.
-    optimizer.state.clear()
+class SaRATrainer(MethodTrainer):
+    """The default loop contract plus SaRA's nuclear-norm term and half-way re-selection."""
+
+    def loss(self, loop: Loop, rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
+        return super().loss(loop, rng, generator) + extra_loss(loop.unwrap(), loop.method_config, rng)
+
+    def after_step(self, loop: Loop, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """At half of training, re-select the ineffective entries and restart the optimizer on them."""
+        if step != loop.config.max_train_steps // 2:
+            return
+        for layer in loop.unwrap().modules():
+            if isinstance(layer, SaRALayer):
+                layer.reselect()
+        # Fresh moments: frozen entries (zero gradient from now on) then never move, as in the reference.
+        optimizer.state.clear()

@@ -217,7 +217,7 @@ class Studio:
         """The shared options of a kind's command, and each of its methods' own options."""
         task = self.tasks[kind]
         common = config_fields("common", task.config_cls, task.hidden)
-        per_method = {m.name: config_fields(m.name, m.trainer.default_config({}))
+        per_method = {m.name: config_fields(m.name, m.config({}))
                       for m in registry.METHODS.values() if m.kind == kind}
         return common, per_method
 
@@ -276,7 +276,7 @@ class Studio:
         chosen |= {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
                    if f.name not in ("method", "data", "model", "output_dir", "method_options")
                    and getattr(config, f.name) != getattr(defaults, f.name)}
-        method_config = registry.get(config.method).trainer.default_config(config.method_options)
+        method_config = registry.get(config.method).config(config.method_options)
         chosen |= {name: getattr(method_config, name) for name in config.method_options}
         folder = self.data_dir / "settings"
         folder.mkdir(parents=True, exist_ok=True)
@@ -293,7 +293,7 @@ class Studio:
         )
 
         config = train_config_from_args(build_parser().parse_args(join_negative_values(argv)))
-        method_config = registry.get(config.method).trainer.default_config(config.method_options)
+        method_config = registry.get(config.method).config(config.method_options)
         common, per_method = self.fields(kind)
         shapes = config.data.startswith("shapesworld:")
         updates = [config.method, "ShapesWorld" if shapes else "upload", config.data if shapes else gr.update()]

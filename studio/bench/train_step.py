@@ -190,7 +190,7 @@ def prepare(unet: nn.Module, entry: str) -> list[nn.Parameter]:
         return list(unet.requires_grad_(True).parameters())
     if entry in OURS:
         method = registry.get(entry)
-        method.adapter.inject(unet, method.trainer.default_config({}))
+        method.adapter.inject(unet, method.config({}))
     elif entry in PEFT:
         _peft_model(unet, entry)
     else:
