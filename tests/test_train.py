@@ -70,22 +70,22 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_is_exact(tmp_path, monkeypat
                                  learning_rate=1e-3, resume=resume, method_options={"rank": 2, "dropout": 0.1}))
 
     straight = load_file(str(run(tmp_path / "a").artifact))
-    calls, real_batch_loss = [], base.batch_loss
+    calls, real_denoising_loss = [], base.denoising_loss
 
-    def batch_loss_with_a_signal(*args, **kwargs):
+    def denoising_loss_with_a_signal(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             signal.raise_signal(signal.SIGTERM)  # handled by the loop: a flag, not an exit
-        return real_batch_loss(*args, **kwargs)
+        return real_denoising_loss(*args, **kwargs)
 
     before = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(base, "batch_loss", batch_loss_with_a_signal)
+    monkeypatch.setattr(base, "denoising_loss", denoising_loss_with_a_signal)
     with pytest.raises(base.TrainingStopped, match="stopped at step 3 of 6"):
         run(tmp_path / "b")
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
     assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step-3"]
     assert not (tmp_path / "b" / "lora.safetensors").exists()
-    monkeypatch.setattr(base, "batch_loss", real_batch_loss)
+    monkeypatch.setattr(base, "denoising_loss", real_denoising_loss)
     resumed = load_file(str(run(tmp_path / "b", resume="latest").artifact))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]

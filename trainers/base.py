@@ -274,12 +274,23 @@ def check_text_encoder_options(config: TrainConfig, adapter) -> None:
         )
 
 
-def batch_loss(unet, cached: Cached, config: TrainConfig, noise_scheduler, rng, generator, device,
-               live_text: LiveText | None = None) -> torch.Tensor:
-    """The denoising loss of one batch drawn from a cached dataset; with `live_text`, the captions
-    go through the text encoder(s) instead of coming from the cache."""
-    from diffusers.training_utils import compute_snr
+@dataclass
+class Batch:
+    """One training batch drawn from a cached dataset: which examples, their noised latents, the target, the
+    timesteps and the text conditioning (plus SDXL's added conditioning)."""
 
+    indices: list[int]
+    noisy: torch.Tensor
+    target: torch.Tensor
+    timesteps: torch.Tensor
+    text: torch.Tensor
+    added: dict | None
+
+
+def draw_batch(cached: Cached, config: TrainConfig, noise_scheduler, rng, generator, device,
+               live_text: LiveText | None = None) -> Batch:
+    """Draw a batch (every random choice from `rng` and `generator`); with `live_text`, the captions go
+    through the text encoder(s) instead of coming from the cache."""
     batch = bucket_batches(cached.data.buckets, config.train_batch_size, rng)[0]
     mean = torch.stack([cached.latents[i][0] for i in batch])
     std = torch.stack([cached.latents[i][1] for i in batch])
@@ -304,10 +315,18 @@ def batch_loss(unet, cached: Cached, config: TrainConfig, noise_scheduler, rng, 
         target = noise
     else:
         target = noise_scheduler.get_velocity(sample, noise, timesteps)
-    pred = unet(noisy.to(device), timesteps.to(device), text.to(device), added_cond_kwargs=added).sample.float()
-    per_example = F.mse_loss(pred, target.to(device), reduction="none").mean(dim=(1, 2, 3))
+    return Batch(batch, noisy, target, timesteps, text, added)
+
+
+def denoising_loss(unet, batch: Batch, config: TrainConfig, noise_scheduler, device) -> torch.Tensor:
+    """The UNet's prediction error on `batch` (MSE, min-SNR weighted with `snr_gamma`)."""
+    from diffusers.training_utils import compute_snr
+
+    pred = unet(batch.noisy.to(device), batch.timesteps.to(device), batch.text.to(device),
+                added_cond_kwargs=batch.added).sample.float()
+    per_example = F.mse_loss(pred, batch.target.to(device), reduction="none").mean(dim=(1, 2, 3))
     if config.snr_gamma:  # min-SNR weighting
-        snr = compute_snr(noise_scheduler, timesteps).to(device)
+        snr = compute_snr(noise_scheduler, batch.timesteps).to(device)
         clamped = torch.clamp(snr, max=config.snr_gamma)
         per_example = per_example * (clamped / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else clamped / snr)
     return per_example.mean()
@@ -375,8 +394,10 @@ class MethodTrainer:
         loss = 0.0
         for which, part in enumerate(loop.data):
             weight = loop.config.prior_loss_weight if which else 1.0
-            loss = loss + weight * batch_loss(loop.models["unet"], part, loop.config, loop.noise_scheduler, rng, generator,
-                                              loop.accelerator.device, loop.live_text)
+            batch = draw_batch(part, loop.config, loop.noise_scheduler, rng, generator, loop.accelerator.device,
+                               loop.live_text)
+            loss = loss + weight * denoising_loss(loop.models["unet"], batch, loop.config, loop.noise_scheduler,
+                                                  loop.accelerator.device)
         return loss
 
     def after_step(self, loop: Loop, step: int, optimizer: torch.optim.Optimizer) -> None:
