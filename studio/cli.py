@@ -86,9 +86,9 @@ def sample_settings_from_args(args: argparse.Namespace, prompts: list[str]):
 
     if not prompts:
         raise StudioError("no prompt given: pass at least one prompt, or --prompts-file with one prompt per line")
-    options = {"prompts": prompts, "seeds": ",".join(args.seed), "negative_prompt": args.negative_prompt,
+    options = {"prompts": list(prompts), "seeds": ",".join(args.seed), "negative_prompt": args.negative_prompt,
                "steps": args.steps, "guidance_scale": args.guidance_scale, "scheduler": args.scheduler,
-               "width": args.width, "height": args.height, "batch_size": args.batch_size}
+               "width": args.width, "height": args.height, "batch_size": args.batch_size, "image_prompt": args.image_prompt}
     settings = config_from_options(SampleSettings, {k: v for k, v in options.items() if v is not None})
     settings.validate()
     return settings
@@ -170,6 +170,13 @@ def cmd_bench_personalize(args: argparse.Namespace) -> int:
                          work_dir=args.work_dir, steps=args.max_train_steps, train_seeds=args.train_seeds,
                          sample_seed_offset=args.sample_seed_offset)
     return print_result(result, args)
+
+
+def cmd_bench_adapters(args: argparse.Namespace) -> int:
+    from studio.bench.adapters import adapters
+
+    return print_result(adapters(args.adapters, n_refs=args.references, steps=args.max_train_steps,
+                                 work_dir=args.work_dir, train_seed=args.train_seed), args)
 
 
 def cmd_bench_train_step(args: argparse.Namespace) -> int:
@@ -373,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="default outputs/samples/<time>")
     p.add_argument("--adapter", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a studio artifact at a scale (repeatable; they compose in order)")
+    p.add_argument("--image-prompt", default=None, metavar="IMG", help="an image as prompt, for an applied IP-Adapter")
     add_model_args(p)
     p.set_defaults(func=cmd_sample)
 
@@ -427,6 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--output", default=None, help="also write the JSON to this file")
     p.set_defaults(func=cmd_bench_personalize)
+    p = bench.add_parser("adapters", help="image-prompt and structure adapters on the toy model: ip_match, ip_text_compat, ...")
+    p.add_argument("--adapters", nargs="+", default=None, choices=["ip-adapter"], help="default: all (today: ip-adapter)")
+    p.add_argument("--references", type=int, default=128, help="reference scenes (image prompts), one sample each per scale")
+    p.add_argument("--max-train-steps", type=int, default=None, help="override the recipe's step budget")
+    p.add_argument("--train-seed", type=int, default=0)
+    p.add_argument("--work-dir", default=None, help="keep the trained artifacts here (default: a temporary folder)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--output", default=None, help="also write the JSON to this file")
+    p.set_defaults(func=cmd_bench_adapters)
     p = bench.add_parser("train-step", help="seconds and peak memory of a training step: ours, PEFT, floor, full")
     p.add_argument("--models", nargs="+", default=None, choices=["toy", "sd15"])
     p.add_argument("--entries", nargs="+", default=None, help="default: floor full lora oft boft sara peft-lora peft-oft peft-boft")

@@ -37,6 +37,8 @@ from PIL import Image, UnidentifiedImageError
 from studio.errors import StudioError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+MAX_IMAGE_BYTES = 20 * 2**20  # per image a user hands us (an upload, an image prompt)
+MAX_IMAGE_PIXELS = 4096 * 4096  # larger than any SD training size; beyond it PIL may be fed a decompression bomb
 SHAPESWORLD_PREFIX = "shapesworld:"
 
 
@@ -122,6 +124,46 @@ def _folder_convention(parent: Path, root: Path) -> tuple[int, str | None]:
         return 1, None
     match = re.fullmatch(r"(\d+)_(.+)", parent.name)
     return (int(match.group(1)), match.group(2)) if match else (1, None)
+
+
+def check_image(path: Path, shown_name: str) -> None:
+    """Refuse a file that is not a readable image, or one too large to use, naming it as `shown_name`.
+
+    Example:
+        >>> check_image(Path("notes.txt"), "notes.txt")
+        Traceback (most recent call last):
+        studio.errors.StudioError: notes.txt is not an image (expected .bmp, .jpeg, .jpg, .png, .webp)
+    """
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise StudioError(f"{shown_name} is not an image (expected {', '.join(sorted(IMAGE_SUFFIXES))})")
+    size = path.stat().st_size
+    if size > MAX_IMAGE_BYTES:
+        raise StudioError(f"{shown_name} is {size / 2**20:.1f} MB; images up to {MAX_IMAGE_BYTES // 2**20} MB are accepted")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise StudioError(f"{shown_name} is {width}x{height} pixels; images up to {MAX_IMAGE_PIXELS:,} pixels "
+                                  "(4096x4096) are accepted — downscale it first")
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
+        raise StudioError(f"{shown_name} is not a readable image ({type(err).__name__})") from None
+
+
+def open_image(path: str | Path, what: str) -> Image.Image:
+    """The RGB image at `path`, checked first (`check_image`); `what` names it in errors ("--image-prompt").
+
+    Example:
+        >>> open_image("missing.png", "--image-prompt")
+        Traceback (most recent call last):
+        studio.errors.StudioError: --image-prompt missing.png: no such file
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StudioError(f"{what} {path}: no such file")
+    check_image(path, f"{what} {path}")
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 def parse_shapesworld_spec(spec: str) -> dict:

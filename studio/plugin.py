@@ -216,21 +216,67 @@ def split_by_module(tensors: dict[str, torch.Tensor], adapter, prefix: str | Non
     return grouped
 
 
-def _registry(pipe) -> dict[str, list[tuple[str, str]]]:
-    """Artifact name -> the (pipeline part, layer path) pairs it touches, kept on the pipeline."""
+class WeightAttachment:
+    """An applied artifact of the default kind: its per-layer transforms, one entry in each touched layer's hook.
+
+    Every kind of attachment has the same face (`layers`, `set_scale`, `set_enabled`, `remove`, `takes`,
+    `call_inputs`); a method of another kind gives its own from `adapters/<m>.py::attach` (IP-Adapter's
+    attention processors, for one).
+    """
+
+    takes: tuple[str, ...] = ()  # per-call inputs it uses (an image prompt, a control image): none
+    requires: tuple[str, ...] = ()  # ... and those it cannot sample without
+
+    def __init__(self, pipe, name: str) -> None:
+        self.pipe, self.name = pipe, name
+        self.touched: list[tuple[str, str]] = []  # (pipeline part, layer path)
+
+    @property
+    def layers(self) -> list[str]:
+        return [f"{part}.{path}" for part, path in self.touched]
+
+    def hooks(self) -> list[StudioHook]:
+        return [_hook(_plain_layer(getattr(self.pipe, part).get_submodule(path))) for part, path in self.touched]
+
+    def set_scale(self, scale: float) -> None:
+        for hook in self.hooks():
+            hook.stack[self.name].scale = scale
+            hook.invalidate()
+
+    def set_enabled(self, enabled: bool) -> None:
+        for hook in self.hooks():
+            hook.stack[self.name].enabled = enabled
+            hook.invalidate()
+
+    def call_inputs(self, **inputs) -> dict:
+        return {}
+
+    def remove(self) -> None:
+        if any(hook.original is not None for hook in self.hooks()):
+            raise StudioError("unfuse the pipeline (studio.plugin.unfuse) before removing an artifact")
+        for part, layer_path in self.touched:
+            layer = _plain_layer(getattr(self.pipe, part).get_submodule(layer_path))
+            hook = _hook(layer)
+            hook.stack.pop(self.name, None)
+            hook.invalidate()
+            if not hook.stack:
+                hooks = layer._diffusers_hook
+                hooks.remove_hook(HOOK_NAME, recurse=False)
+                if not hooks.hooks:
+                    del layer._diffusers_hook
+
+
+def _registry(pipe) -> dict:
+    """Artifact name -> its attachment, kept on the pipeline."""
     if not hasattr(pipe, "_studio_artifacts"):
         pipe._studio_artifacts = {}
     return pipe._studio_artifacts
 
 
-def _hooks(pipe, name: str | None = None) -> list[StudioHook]:
-    """The hooks of the layers artifact `name` touches (every artifact's when None), each once."""
-    names = [name] if name is not None else list(_registry(pipe))
-    hooks: dict[int, StudioHook] = {}
-    for artifact in names:
-        for part, path in _registry(pipe)[artifact]:
-            hook = _hook(_plain_layer(getattr(pipe, part).get_submodule(path)))
-            hooks[id(hook)] = hook
+def _hooks(pipe) -> list[StudioHook]:
+    """The hooks of every layer an applied artifact touches, each once."""
+    hooks = {id(hook): hook for attachment in _registry(pipe).values() if isinstance(attachment, WeightAttachment)
+             for hook in attachment.hooks()}
     return list(hooks.values())
 
 
@@ -254,7 +300,7 @@ def apply(pipe, path: str | Path, scale: float = 1.0, name: str | None = None) -
         'lora'
     """
     path = Path(path)
-    header = read_header(path)
+    header = _header(path)
     method = registry.get(header.method)
     if name is None:
         name, n = path.stem, 1
@@ -264,6 +310,12 @@ def apply(pipe, path: str | Path, scale: float = 1.0, name: str | None = None) -
     if name in _registry(pipe):
         raise StudioError(f"an artifact named {name!r} is already applied; pass another name or remove it first")
     tensors = load_file(str(path))
+    if any(hook.original is not None for hook in _hooks(pipe)):
+        raise StudioError("unfuse the pipeline (studio.plugin.unfuse) before applying another artifact")
+    if method.attaches != "weights":  # a method of its own kind (attention processors, an added network)
+        check_fingerprint(header.fingerprint, pipe.unet, path)
+        _registry(pipe)[name] = method.adapter.attach(pipe, tensors, path, scale)
+        return name
     # 1. Check everything: per pipeline part its layers, each a Linear/Conv2d (maybe under a stock LoRA).
     layers = []  # (part, model, layer path, plain layer, params)
     for part, prefix in components(method.adapter).items():
@@ -290,10 +342,8 @@ def apply(pipe, path: str | Path, scale: float = 1.0, name: str | None = None) -
             layers.append((part, model, layer_path, layer, params))
     if not layers:
         raise StudioError(f"{path}: {NO_TENSORS}")
-    if any(hook.original is not None for hook in _hooks(pipe)):
-        raise StudioError("unfuse the pipeline (studio.plugin.unfuse) before applying another artifact")
     # 2. Attach; undo on any failure, so the pipeline is either changed as a whole or not at all.
-    _registry(pipe)[name] = touched = []
+    attachment = _registry(pipe)[name] = WeightAttachment(pipe, name)
     try:
         for part, model, layer_path, layer, params in layers:
             hook = _hook(layer)
@@ -306,25 +356,62 @@ def apply(pipe, path: str | Path, scale: float = 1.0, name: str | None = None) -
             below = frozenset(stock.lora_A) if stock is not None else frozenset()
             hook.stack[name] = _Stacked(header.method, on_device, header.config, scale, below=below)
             hook.invalidate()
-            touched.append((part, layer_path))
+            attachment.touched.append((part, layer_path))
     except BaseException:
-        remove(pipe, name)
+        attachment.remove()
+        del _registry(pipe)[name]
         raise
     return name
 
 
+def _header(path: Path):
+    """The file's studio header; a file of another tool's layout that a method recognises (an IP-Adapter release's
+    `image_proj.*` / `ip_adapter.*`) gets a header naming that method, with no fingerprint to check."""
+    from studio.artifact import ArtifactHeader
+    from studio.pipeline import check_safetensors
+
+    try:
+        return read_header(path)
+    except StudioError:
+        keys = [key for key in check_safetensors(path) if key != "__metadata__"] if path.is_file() else []
+        for method in registry.METHODS.values():
+            if method.attaches != "weights" and method.adapter.recognises(keys):
+                return ArtifactHeader(method.name, "?", {}, {}, {}, [])
+        raise
+
+
 def set_scale(pipe, name: str, scale: float) -> None:
     """Change the scale of an applied artifact (0 switches it off)."""
-    for hook in _hooks(pipe, _known(pipe, name)):
-        hook.stack[name].scale = scale
-        hook.invalidate()
+    _registry(pipe)[_known(pipe, name)].set_scale(scale)
 
 
 def set_enabled(pipe, name: str, enabled: bool) -> None:
     """Switch an applied artifact on or off without forgetting it."""
-    for hook in _hooks(pipe, _known(pipe, name)):
-        hook.stack[name].enabled = enabled
-        hook.invalidate()
+    _registry(pipe)[_known(pipe, name)].set_enabled(enabled)
+
+
+def call_inputs(pipe, **inputs) -> dict:
+    """The pipeline call's extra arguments for per-call inputs (`image_prompt=`, `control=`), from the applied
+    artifacts that use them; an input no applied artifact takes is refused, naming what would.
+
+    Example:
+        >>> call_inputs(pipe, image_prompt=image)  # doctest: +SKIP
+        {'ip_adapter_image': <PIL.Image.Image ...>}
+    """
+    given = {key: value for key, value in inputs.items() if value is not None}
+    kwargs: dict = {}
+    for name, attachment in _registry(pipe).items():
+        missing = [key for key in attachment.requires if key not in given]
+        if missing:
+            flag = "--" + missing[0].replace("_", "-")
+            raise StudioError(f"{name} is applied and needs {flag}: pass one (an image file), or remove {name}")
+        kwargs.update(attachment.call_inputs(**given))
+    for key in given:
+        if not any(key in attachment.takes for attachment in _registry(pipe).values()):
+            what = {"image_prompt": "an IP-Adapter", "control": "a T2I-Adapter"}.get(key, "an artifact that takes it")
+            raise StudioError(f"--{key.replace('_', '-')} is given but no applied artifact uses it; apply {what} "
+                              f"(--adapter FILE) or drop --{key.replace('_', '-')}")
+    return kwargs
 
 
 def compose(pipe, artifacts: list[tuple[str | Path, float]]) -> list[str]:
@@ -372,26 +459,14 @@ def unfuse(pipe) -> None:
 
 def remove(pipe, name: str) -> None:
     """Take an artifact off; layers left with nothing on them are put back as they were (hook removed)."""
-    entries = _registry(pipe)[_known(pipe, name)]
-    if any(hook.original is not None for hook in _hooks(pipe, name)):
-        raise StudioError("unfuse the pipeline (studio.plugin.unfuse) before removing an artifact")
-    for part, layer_path in entries:
-        layer = _plain_layer(getattr(pipe, part).get_submodule(layer_path))
-        hook = _hook(layer)
-        hook.stack.pop(name, None)
-        hook.invalidate()
-        if not hook.stack:
-            hooks = layer._diffusers_hook
-            hooks.remove_hook(HOOK_NAME, recurse=False)
-            if not hooks.hooks:
-                del layer._diffusers_hook
+    _registry(pipe)[_known(pipe, name)].remove()
     del _registry(pipe)[name]
 
 
 def applied(pipe) -> dict[str, list[str]]:
     """Names of the applied artifacts and the layers each touches, as paths from the pipeline
     ("unet.down_blocks.0...to_q", "text_encoder.encoder.layers.0.self_attn.q_proj")."""
-    return {k: [f"{part}.{layer}" for part, layer in v] for k, v in _registry(pipe).items()}
+    return {name: attachment.layers for name, attachment in _registry(pipe).items()}
 
 
 def _known(pipe, name: str) -> str:

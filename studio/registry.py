@@ -37,10 +37,18 @@ class Method:
     toy_learning_rate: float
     learning_rate: float = 1e-4  # elsewhere: a starting point, not tuned here
     trainer_class: str = DEFAULT_TRAINER  # "module:Class", a MethodTrainer
+    # How its artifact goes on a pipeline (studio.plugin): "weights", per-layer weight transforms (the default
+    # kind: composes and fuses with the others); anything else attaches through `adapters/<m>.py::attach`.
+    attaches: str = "weights"
+
+    @property
+    def module(self) -> str:
+        """The method's module name under `studio.adapters` (and `studio.trainers`): "ip-adapter" -> "ip_adapter"."""
+        return self.name.replace("-", "_")
 
     @property
     def adapter(self) -> ModuleType:
-        return importlib.import_module(f"studio.adapters.{self.name}")
+        return importlib.import_module(f"studio.adapters.{self.module}")
 
     @property
     def config_class(self) -> type:
@@ -71,6 +79,9 @@ METHODS: dict[str, Method] = {
         Method("boft", "adapter", "butterfly-factorised orthogonal rotation and per-output scale", toy_learning_rate=5e-4),
         Method("sara", "adapter", "sparse update of each weight's smallest entries", toy_learning_rate=3e-3,
                trainer_class="studio.trainers.sara:SaRATrainer"),
+        Method("ip-adapter", "adapter", "image prompt through decoupled cross-attention (image projection + to_k_ip/to_v_ip)",
+               toy_learning_rate=1e-3, trainer_class="studio.trainers.ip_adapter:IPAdapterTrainer",
+               attaches="attention processors"),
     ]
 }
 

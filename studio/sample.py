@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from studio.data import open_image
 from studio.errors import StudioError
 from studio.options import FLAG_KEY, RANGE_KEY, Range, check_options, ranged
 from studio.pipeline import SCHEDULERS, default_size, set_scheduler
@@ -28,7 +29,7 @@ from studio.pipeline import SCHEDULERS, default_size, set_scheduler
 class SampleSettings:
     """Everything that decides the pixels; written next to them as settings.json."""
 
-    prompts: list[str]
+    prompts: list  # of str, checked in `validate` (an empty text prompt is fine beside an image prompt)
     seeds: list[int] = field(default_factory=lambda: [0], metadata={RANGE_KEY: Range(0, 2**32 - 1), FLAG_KEY: "--seed"})
     negative_prompt: str = ""
     steps: int = ranged(20, 1, 1000)
@@ -37,6 +38,7 @@ class SampleSettings:
     width: int | None = ranged(None, 8, 4096, multiple_of=8)  # default: the model's training size
     height: int | None = ranged(None, 8, 4096, multiple_of=8)
     batch_size: int = ranged(8, 1, 1024)
+    image_prompt: str | None = None  # an image file, for an applied IP-Adapter
 
     def validate(self) -> None:
         """Refuse, in one line naming the option, any setting out of its range; nothing is loaded or written.
@@ -46,11 +48,16 @@ class SampleSettings:
             Traceback (most recent call last):
             studio.errors.StudioError: --steps -5: must be a whole number from 1 to 1000
         """
-        if not self.prompts or any(not isinstance(p, str) or not p.strip() for p in self.prompts):
+        if not isinstance(self.prompts, list) or not self.prompts or any(not isinstance(p, str) for p in self.prompts):
             raise StudioError("no prompt given: pass at least one prompt, or --prompts-file with one prompt per line")
+        if self.image_prompt is None and any(not p.strip() for p in self.prompts):
+            raise StudioError("an empty prompt draws nothing in particular: write one, or give --image-prompt IMG "
+                              "(with an IP-Adapter applied) to prompt with an image alone")
         check_options(self)
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise StudioError(f"--scheduler {self.scheduler!r}: must be one of {', '.join(SCHEDULERS)}")
+        if self.image_prompt is not None:
+            open_image(self.image_prompt, "--image-prompt")
 
 
 @dataclass
@@ -95,7 +102,11 @@ def generate(pipe, settings: SampleSettings, progress: bool = True) -> list[Imag
     Each image has its own generator seeded with its seed, so an image does not
     depend on the batch it was drawn in.
     """
+    from studio import plugin
+
     settings.validate()
+    image_prompt = open_image(settings.image_prompt, "--image-prompt") if settings.image_prompt else None
+    inputs = plugin.call_inputs(pipe, image_prompt=image_prompt)  # what the applied artifacts take per call
     if settings.scheduler:
         set_scheduler(pipe, settings.scheduler)
     width, height = default_size(pipe)
@@ -116,6 +127,7 @@ def generate(pipe, settings: SampleSettings, progress: bool = True) -> list[Imag
             width=width,
             height=height,
             generator=generators,
+            **inputs,
         )
         images.extend(out.images)
         bar.update(len(batch))

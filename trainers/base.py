@@ -361,10 +361,12 @@ class MethodTrainer:
     1. `attach(pipe, method_config, train_text_encoder)` once, before any data is read: put the trainable
        layers on the pipeline, freeze the rest, return the touched layer names per part. A model-dependent
        bad option fails here, before anything is written.
-    2. `loss(loop, rng, generator)` every step, with that step's seeded generators: draw every random choice
+    2. `prepare(loop)` once, after the data is cached: compute what the method's training examples carry
+       beyond image and caption (IP-Adapter: each image's embedding as its image prompt).
+    3. `loss(loop, rng, generator)` every step, with that step's seeded generators: draw every random choice
        from them, so a resumed run ends with the same weights.
-    3. `after_step(loop, step, optimizer)` after every optimizer step (`step` counts from 1).
-    4. `artifact(loop)` once at the end: the file's tensors and its extra header entries.
+    4. `after_step(loop, step, optimizer)` after every optimizer step (`step` counts from 1).
+    5. `artifact(loop)` once at the end: the file's tensors and its extra header entries.
 
     Parts named like the pipeline's text encoders train at `--text-encoder-lr`, every other part at
     `--learning-rate`; all train with AdamW and `weight_decay`.
@@ -389,6 +391,9 @@ class MethodTrainer:
                 parts[name] = self.adapter.inject_text_encoder(getattr(pipe, name), method_config)
         return parts
 
+    def prepare(self, loop: Loop) -> None:
+        """Nothing by default: a training example is an image and its caption."""
+
     def loss(self, loop: Loop, rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
         """The denoising loss of one batch of the data, plus the prior set's weighted by `prior_loss_weight`."""
         loss = 0.0
@@ -402,6 +407,10 @@ class MethodTrainer:
 
     def after_step(self, loop: Loop, step: int, optimizer: torch.optim.Optimizer) -> None:
         """Nothing by default (SaRA re-selects its entries half-way)."""
+
+    def validation_inputs(self, loop: Loop) -> dict:
+        """Extra arguments of the pipeline call that draws validation samples (IP-Adapter: an image prompt)."""
+        return {}
 
     def artifact(self, loop: Loop) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The file's tensors (each part's under its prefix) and the method's extra header entries."""
@@ -486,6 +495,7 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
     text_encoders = [models[part] for part in models if part in te_names]
     loop = Loop(config, method_config, pipe, models, cached, noise_scheduler,
                 LiveText(pipe, text_encoders) if text_encoders else None, accelerator)
+    trainer.prepare(loop)
 
     start_step = 0
     if config.resume:
@@ -538,7 +548,7 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
             if saved:
                 accelerator.save_state(str(checkpoint))
             if config.validation_prompt and config.validation_steps and (step + 1) % config.validation_steps == 0:
-                _validate(pipe, config, step + 1, output_dir, accelerator)
+                _validate(pipe, config, step + 1, output_dir, accelerator, trainer.validation_inputs(loop))
             if stop.requested and step + 1 < config.max_train_steps:
                 if not saved:  # a periodic checkpoint of this very step is already on disk
                     accelerator.save_state(str(checkpoint))
@@ -593,7 +603,7 @@ class _StopRequest:
 
 
 @torch.no_grad()
-def _validate(pipe, config: TrainConfig, step: int, output_dir: Path, accelerator) -> None:
+def _validate(pipe, config: TrainConfig, step: int, output_dir: Path, accelerator, inputs: dict) -> None:
     if not accelerator.is_main_process:
         return
     models = [pipe.unet] + [getattr(pipe, name) for name in text_encoder_names(pipe)]
@@ -601,7 +611,7 @@ def _validate(pipe, config: TrainConfig, step: int, output_dir: Path, accelerato
     for model in models:
         model.eval()
     images = pipe(config.validation_prompt, num_inference_steps=20, num_images_per_prompt=4,
-                  generator=torch.Generator().manual_seed(config.seed)).images
+                  generator=torch.Generator().manual_seed(config.seed), **inputs).images
     folder = output_dir / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):

@@ -18,14 +18,10 @@ import re
 import shutil
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
+from studio.data import IMAGE_SUFFIXES, check_image
 from studio.errors import StudioError
 
-MAX_IMAGE_BYTES = 20 * 2**20  # per uploaded image
-MAX_IMAGE_PIXELS = 4096 * 4096  # larger than any SD training size; beyond it PIL may be fed a decompression bomb
 MAX_CAPTION_BYTES = 64 * 2**10
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 def inside(root: str | Path, path: str | Path) -> Path:
@@ -42,24 +38,6 @@ def safe_name(name: str) -> str:
     if not stem:
         raise StudioError(f"{name!r} is not a usable file name")
     return stem
-
-
-def check_image(path: Path, shown_name: str) -> None:
-    """Refuse a file that is not a readable image, or one too large to train on."""
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise StudioError(f"{shown_name} is not an image (expected {', '.join(sorted(IMAGE_SUFFIXES))}) or a .txt caption")
-    size = path.stat().st_size
-    if size > MAX_IMAGE_BYTES:
-        raise StudioError(f"{shown_name} is {size / 2**20:.1f} MB; images up to {MAX_IMAGE_BYTES // 2**20} MB are accepted")
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise StudioError(f"{shown_name} is {width}x{height} pixels; images up to {MAX_IMAGE_PIXELS:,} pixels "
-                                  "(4096x4096) are accepted — downscale it first")
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
-        raise StudioError(f"{shown_name} is not a readable image ({type(err).__name__})") from None
 
 
 def check_dataset(files: list[str | Path], upload_root: str | Path) -> list[tuple[Path, str]]:
@@ -83,6 +61,8 @@ def check_dataset(files: list[str | Path], upload_root: str | Path) -> list[tupl
                 path.read_text(encoding="utf-8")
             except UnicodeDecodeError:
                 raise StudioError(f"caption {name} is not UTF-8 text") from None
+        elif path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise StudioError(f"{name} is not an image (expected {', '.join(sorted(IMAGE_SUFFIXES))}) or a .txt caption")
         else:
             check_image(path, name)
         checked.append((path, name))

@@ -191,7 +191,7 @@ def personalize(
         raise StudioError(f"--sample-seed-offset {sample_seed_offset} is negative; use an offset >= 0")
     if steps is not None and steps < 1:
         raise StudioError(f"--max-train-steps {steps}: need at least 1 step")
-    methods = methods or [name for name, m in registry.METHODS.items() if m.kind == "adapter"]
+    methods = methods or [name for name, m in registry.METHODS.items() if m.kind == "adapter" and m.attaches == "weights"]
     for name in methods:
         registry.get(RECIPES.get(name, {}).get("method", name))
     keep = work_dir is not None

@@ -1,0 +1,157 @@
+"""`studio bench adapters`: the image and structure adapters measured on ShapesWorld.
+
+IP-Adapter (`ip_adapter`): trained on the toy model with its recipe (`IP_RECIPE`: ShapesWorld renders of the
+seen shapes with their full captions, each image its own image prompt), then sampled with image prompts that are
+fresh renders (`n_refs` random scenes, other seeds than the training data's), one sample each, at every IP scale
+of `IP_SCALES`:
+- `ip_match`: empty text; share of samples whose shape, colour and texture all match the reference's.
+- `ip_text_compat`: text "a {colour} shape" naming another colour than the reference's; share of samples with the
+  text's colour and the reference's shape.
+- `base_ip_match`: the same scoring of the toy model without the adapter (empty text): chance level.
+Each with a 95% bootstrap interval over the references; `best_scale` is the scale with the highest
+`ip_text_compat` (the paper's point: a lower scale lets the text through). `params_sd15` counts the adapter's
+parameters on an SD1.5-shaped UNet (the paper: 22M).
+
+Example:
+    $ studio bench adapters --json --output benchmarks/results/adapters.json
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from studio import plugin
+from studio.bench.stats import two_level_bootstrap_ci
+from studio.eval import load_evaluator, score
+from studio.pipeline import load
+from studio.toy.render import COLORS, random_jitter, random_spec, render
+
+IP_SCALES = (0.3, 0.5, 0.7, 1.0)
+IP_RECIPE = {"data": "shapesworld:shape=seen,count=1000,caption={caption}", "max_train_steps": 1500,
+             "train_batch_size": 16}
+REFERENCE_SEED = 20_000  # reference scenes: not the training data's (seed 0)
+SAMPLE_STEPS = 20
+GUIDANCE = 5.0
+
+
+def reference_scenes(n: int, seed: int = REFERENCE_SEED) -> list:
+    """`n` random scenes of the seen shapes, rendered at the toy model's 32 px: (spec, image) pairs."""
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for _ in range(n):
+        spec = random_spec(rng)
+        scenes.append((spec, render(spec, 32, 32, random_jitter(rng)).image))
+    return scenes
+
+
+@torch.no_grad()
+def sample_with_image_prompts(pipe, prompts: list[str], image_embeds: torch.Tensor, seed: int, batch: int = 64) -> list:
+    """One image per (prompt, image prompt embedding) pair, each with its own seeded generator; the unconditional
+    image prompt is a zero embedding (what the pipeline uses)."""
+    from PIL import Image
+
+    images = []
+    for start in range(0, len(prompts), batch):
+        embeds = image_embeds[start:start + batch]
+        cfg_embeds = torch.cat([torch.zeros_like(embeds), embeds])[:, None]  # (2 x batch, 1 image, dim): negative first
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(embeds))]
+        out = pipe(prompt=prompts[start:start + batch], ip_adapter_image_embeds=[cfg_embeds],
+                   num_inference_steps=SAMPLE_STEPS, guidance_scale=GUIDANCE, generator=generators, output_type="np")
+        images.extend(Image.fromarray((image * 255).round().astype(np.uint8)) for image in out.images)
+    return images
+
+
+def _share(hits: list[bool]) -> dict:
+    values = np.asarray(hits, dtype=float)
+    return {"value": round(float(values.mean()), 4), "ci": [round(x, 4) for x in two_level_bootstrap_ci([values])]}
+
+
+def ip_adapter(n_refs: int = 128, train_seed: int = 0, steps: int | None = None, work_dir: str | None = None,
+               artifact: str | None = None) -> dict:
+    """Train (or take `artifact`) and score the toy IP-Adapter; see the module docstring for the metrics."""
+    from studio.adapters.ip_adapter import adapter_parameter_count, encode_images
+    from studio.trainers.base import TrainConfig, train
+
+    folder = Path(work_dir or tempfile.mkdtemp(prefix="studio-bench-ip-"))
+    started = time.time()
+    recipe = {**IP_RECIPE, **({"max_train_steps": steps} if steps else {})}
+    if artifact is None:
+        artifact = train(TrainConfig(method="ip-adapter", output_dir=str(folder / "ip-adapter"), seed=train_seed,
+                                     validation_steps=0, **recipe)).artifact
+    train_seconds = time.time() - started
+    evaluator = load_evaluator()
+    pipe = load("toy")
+    pipe.set_progress_bar_config(disable=True)
+    scenes = reference_scenes(n_refs)
+    specs = [spec for spec, _ in scenes]
+    embeds = encode_images(pipe, [image for _, image in scenes])
+    rng = np.random.default_rng(REFERENCE_SEED + 1)
+    other_colors = [str(rng.choice([c for c in COLORS if c != spec.color])) for spec in specs]
+
+    def matches(images) -> list[bool]:
+        rows = score(images, [{"shape": s.shape, "color": s.color, "texture": s.texture} for s in specs], evaluator).rows
+        return [row["shape_ok"] and row["color_ok"] and row["texture_ok"] for row in rows]
+
+    name = plugin.apply(pipe, artifact)
+    result: dict = {"scales": {}}
+    for scale in IP_SCALES:
+        plugin.set_scale(pipe, name, scale)
+        match = matches(sample_with_image_prompts(pipe, [""] * n_refs, embeds, seed=0))
+        texts = [f"a {color} shape" for color in other_colors]
+        rows = score(sample_with_image_prompts(pipe, texts, embeds, seed=0),
+                     [{"shape": s.shape, "color": c} for s, c in zip(specs, other_colors)], evaluator).rows
+        result["scales"][str(scale)] = {"ip_match": _share(match),
+                                        "ip_text_compat": _share([r["shape_ok"] and r["color_ok"] for r in rows])}
+    plugin.remove(pipe, name)
+    result["base_ip_match"] = _share(matches(pipe([""] * n_refs, num_inference_steps=SAMPLE_STEPS, guidance_scale=GUIDANCE,
+                                                 generator=[torch.Generator().manual_seed(i) for i in range(n_refs)]).images))
+    best = max(IP_SCALES, key=lambda s: result["scales"][str(s)]["ip_text_compat"]["value"])
+    at_full = result["scales"]["1.0"]
+    result.update({
+        "ip_match": at_full["ip_match"]["value"], "ip_match_ci": at_full["ip_match"]["ci"],
+        "best_scale": best, "ip_text_compat": result["scales"][str(best)]["ip_text_compat"]["value"],
+        "ip_text_compat_ci": result["scales"][str(best)]["ip_text_compat"]["ci"],
+        "goals": {"ip_match at scale 1.0": ">= 0.80", "ip_text_compat at the best scale": ">= 0.70"},
+        "references": n_refs, "recipe": recipe, "train_seed": train_seed, "train_seconds": round(train_seconds, 1),
+        "params_toy": adapter_parameter_count(pipe.unet, pipe.image_encoder.config.projection_dim),
+        "params_sd15": sd15_parameter_count(), "params_paper": "22M",
+    })
+    return result
+
+
+BENCHES = {"ip-adapter": ip_adapter}
+
+
+def adapters(names: list[str] | None = None, n_refs: int = 128, steps: int | None = None, work_dir: str | None = None,
+             train_seed: int = 0) -> dict:
+    """Every adapter bench in `names` (default all), keyed by adapter.
+
+    Example:
+        >>> adapters(["ip-adapter"], n_refs=8, steps=10)["ip-adapter"]["references"]  # doctest: +SKIP
+        8
+    """
+    result = {}
+    for name in names or list(BENCHES):
+        folder = None if work_dir is None else str(Path(work_dir) / name)
+        result[name] = BENCHES[name](n_refs=n_refs, train_seed=train_seed, steps=steps, work_dir=folder)
+    return result
+
+
+SD15_IMAGE_EMBED_DIM = 1024  # OpenCLIP ViT-H/14's projection: the image encoder of the paper's SD1.5 IP-Adapter
+
+
+def sd15_parameter_count() -> int:
+    """IP-Adapter's parameters on an SD1.5-shaped UNet (built on the meta device: no memory, no weights)."""
+    from diffusers import UNet2DConditionModel
+
+    from studio.adapters.ip_adapter import adapter_parameter_count
+    from studio.testing import sd15_unet_config
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**sd15_unet_config())
+    return adapter_parameter_count(unet, SD15_IMAGE_EMBED_DIM)
