@@ -502,7 +502,8 @@ def check_command(argv: list[str]) -> None:
     try:
         args = parser.parse_args(join_negative_values(argv))
     except SystemExit:  # a usage error: the command was built wrongly
-        raise StudioError(f"not a valid studio command: {' '.join(argv)}") from None
+        shown = " ".join(arg if arg and arg.isprintable() and " " not in arg else repr(arg) for arg in argv)
+        raise StudioError(f"not a valid studio command: {shown}") from None  # one line, whatever the values
     if args.command == "train":
         train_config_from_args(args)
     elif args.command == "sample":

@@ -156,12 +156,13 @@ def open_image(path: str | Path, what: str) -> Image.Image:
     Example:
         >>> open_image("missing.png", "--image-prompt")
         Traceback (most recent call last):
-        studio.errors.StudioError: --image-prompt missing.png: no such file
+        studio.errors.StudioError: --image-prompt 'missing.png': no such file
     """
     path = Path(path)
+    shown = f"{what} {str(path)!r}"  # quoted: a name with a newline still makes one line
     if not path.is_file():
-        raise StudioError(f"{what} {path}: no such file")
-    check_image(path, f"{what} {path}")
+        raise StudioError(f"{shown}: no such file")
+    check_image(path, shown)
     with Image.open(path) as image:
         return image.convert("RGB")
 

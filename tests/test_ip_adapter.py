@@ -121,7 +121,7 @@ def test_sample_cli_image_prompt(trained, reference, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--image-prompt", "{tmp}/missing.png"], "--image-prompt {tmp}/missing.png: no such file"),
+    (["--image-prompt", "{tmp}/missing.png"], "--image-prompt '{tmp}/missing.png': no such file"),
     (["--image-prompt", "{tmp}/notes.txt"], "is not an image"),
     (["--image-prompt", "{tmp}/fake.png"], "is not a readable image"),
     (["--image-prompt", "{tmp}/ref.png", "--no-adapter"], "--image-prompt is given but no applied artifact uses it"),

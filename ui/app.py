@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import re
+import shutil
 import time
 import typing
 import zipfile
@@ -462,15 +463,18 @@ class Studio:
 
     @shows_errors
     def sample(self, model_state: dict, stack: list[dict], prompts: str, negative: str, seeds: str, steps: float,
-               guidance: float, scheduler: str, width: float | None, height: float | None,
+               guidance: float, scheduler: str, width: float | None, height: float | None, image_prompt: str | None = None,
                request: gr.Request = None, progress: gr.Progress = gr.Progress()) -> tuple[list, str, str, dict]:
-        """Queue `studio sample ...` with the enabled artifacts at their scales, wait, return the images (each
-        captioned with its prompt and seed), the command, a note and a zip of them all."""
+        """Queue `studio sample ...` with the enabled artifacts at their scales (and the image prompt, for an
+        IP-Adapter), wait, return the images (each captioned with its prompt and seed), the command, a note and
+        a zip of them all."""
         prompt_list = [line.strip() for line in (prompts or "").splitlines() if line.strip()]
         seed_list = [s for s in re.split(r"[\s,]+", (seeds or "0").strip()) if s]  # checked with the rest below
         scheduler = None if scheduler in (None, "", "model default") else scheduler
+        if not prompt_list and image_prompt:
+            prompt_list = [""]  # the image alone
         if not prompt_list:
-            raise StudioError("no prompt given: write at least one prompt (one per line)")
+            raise StudioError("no prompt given: write at least one prompt (one per line), or give an image prompt")
         adapter_argv = [arg for item in stack if item["enabled"]
                         for arg in ("--adapter", f"{uploads.inside(self.data_dir, item['path'])}:{item['scale']:g}")]
         argv = ["sample", *prompt_list, "--seed", *map(str, seed_list or [0]), "--steps", _number_arg(steps),
@@ -479,6 +483,8 @@ class Studio:
         argv += ["--scheduler", scheduler] if scheduler else []
         argv += [arg for key, value in (("width", width), ("height", height)) if value for arg in (f"--{key}", _number_arg(value))]
         argv += [*adapter_argv, *self.model_argv(model_state)]
+        if image_prompt:
+            argv += ["--image-prompt", str(self.keep_image_prompt(image_prompt))]
         check_command(argv)  # as the CLI checks it, before the job exists
         count = len(prompt_list) * len(seed_list or [0])
         job = self.queue.create("sample", f"{_short(prompt_list[0])} · {count} image{'s' * (count != 1)}")
@@ -507,6 +513,18 @@ class Studio:
         note = self.prompt_note(model_state, stack, prompts, negative)
         info = f"{len(images)} images · job {job.id}" + (f"\n\n{note}" if note else "")
         return images, job.command, info, gr.update(value=str(archive), visible=True)
+
+    def keep_image_prompt(self, file: str) -> Path:
+        """Check an uploaded image prompt and keep it under `image-prompts/` (the job's command names it there)."""
+        from studio.data import check_image
+
+        upload = uploads.inside(self.upload_dir, file)
+        check_image(upload, "the image prompt")
+        digest = hashlib.sha256(upload.read_bytes()).hexdigest()[:8]
+        target = self.data_dir / "image-prompts" / f"{digest}-{uploads.safe_name(upload.name)}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(upload, target)
+        return target
 
     @shows_errors
     def cancel_sample(self, request: gr.Request = None) -> str:
@@ -833,6 +851,8 @@ def _sample_tab(studio: Studio, model_state: gr.State, tab: gr.Tab) -> tuple[gr.
         with gr.Column(scale=2):
             prompts = gr.Textbox("a red sks\na blue striped circle", lines=3, label="prompts (one per line; Shift+Enter samples)")
             negative = gr.Textbox(label="negative prompt")
+            with gr.Accordion("Image prompt (for an IP-Adapter in the stack)", open=False):
+                image_prompt = gr.Image(type="filepath", label="image prompt", height=160, sources=["upload"])
             prompt_note = gr.Markdown()
             with gr.Accordion("Words the toy model knows", open=False,
                               visible=studio.default_model["model"] == TOY_MODEL) as vocabulary:
@@ -858,7 +878,7 @@ def _sample_tab(studio: Studio, model_state: gr.State, tab: gr.Tab) -> tuple[gr.
     add.click(studio.add_artifact, [model_state, stack, layout, choice], [stack, layout, added], api_name="add_artifact")
     upload.upload(studio.upload_artifact, [model_state, stack, layout, upload], [stack, layout, added, choice],
                   api_name="upload_artifact")
-    sample_inputs = [model_state, stack, prompts, negative, seeds, steps, guidance, scheduler, width, height]
+    sample_inputs = [model_state, stack, prompts, negative, seeds, steps, guidance, scheduler, width, height, image_prompt]
     go.click(studio.sample, sample_inputs, [gallery, command, info, download], api_name="sample")
     for box in (prompts, negative, seeds):  # Enter samples (Shift+Enter in the many-line prompts box)
         box.submit(studio.sample, sample_inputs, [gallery, command, info, download], api_visibility="private")
