@@ -219,8 +219,6 @@ class IPAdapterAttachment:
         """The pipeline call's arguments for this artifact's per-call input: the image prompt."""
         return {"ip_adapter_image": image_prompt} if image_prompt is not None else {}
 
-    takes = requires = ("image_prompt",)  # the per-call input this artifact uses, and cannot sample without
-
     def _restore(self) -> None:
         unet = self.pipe.unet
         unet.encoder_hid_proj = None

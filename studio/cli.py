@@ -91,6 +91,11 @@ def sample_settings_from_args(args: argparse.Namespace, prompts: list[str]):
                "width": args.width, "height": args.height, "batch_size": args.batch_size, "image_prompt": args.image_prompt}
     settings = config_from_options(SampleSettings, {k: v for k, v in options.items() if v is not None})
     settings.validate()
+    from studio import plugin
+
+    # Per-call inputs against the artifacts' methods, from their headers (no model loaded yet).
+    methods = plugin.artifact_methods([parse_adapter_arg(spec)[0] for spec in getattr(args, "adapter", [])])
+    plugin.check_inputs(methods, {"image_prompt"} if settings.image_prompt else set())
     return settings
 
 

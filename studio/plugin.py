@@ -219,16 +219,13 @@ def split_by_module(tensors: dict[str, torch.Tensor], adapter, prefix: str | Non
 class WeightAttachment:
     """An applied artifact of the default kind: its per-layer transforms, one entry in each touched layer's hook.
 
-    Every kind of attachment has the same face (`layers`, `set_scale`, `set_enabled`, `remove`, `takes`,
-    `call_inputs`); a method of another kind gives its own from `adapters/<m>.py::attach` (IP-Adapter's
+    Every kind of attachment has the same face (`method`, `layers`, `set_scale`, `set_enabled`, `remove`,
+    `call_inputs`: the pipeline arguments for the per-call inputs its method declares in the registry); a method of another kind gives its own from `adapters/<m>.py::attach` (IP-Adapter's
     attention processors, for one).
     """
 
-    takes: tuple[str, ...] = ()  # per-call inputs it uses (an image prompt, a control image): none
-    requires: tuple[str, ...] = ()  # ... and those it cannot sample without
-
-    def __init__(self, pipe, name: str) -> None:
-        self.pipe, self.name = pipe, name
+    def __init__(self, pipe, name: str, method: str) -> None:
+        self.pipe, self.name, self.method = pipe, name, method
         self.touched: list[tuple[str, str]] = []  # (pipeline part, layer path)
 
     @property
@@ -314,7 +311,9 @@ def apply(pipe, path: str | Path, scale: float = 1.0, name: str | None = None) -
         raise StudioError("unfuse the pipeline (studio.plugin.unfuse) before applying another artifact")
     if method.attaches != "weights":  # a method of its own kind (attention processors, an added network)
         check_fingerprint(header.fingerprint, pipe.unet, path)
-        _registry(pipe)[name] = method.adapter.attach(pipe, tensors, path, scale)
+        attachment = method.adapter.attach(pipe, tensors, path, scale)
+        attachment.method = method.name
+        _registry(pipe)[name] = attachment
         return name
     # 1. Check everything: per pipeline part its layers, each a Linear/Conv2d (maybe under a stock LoRA).
     layers = []  # (part, model, layer path, plain layer, params)
@@ -343,7 +342,7 @@ def apply(pipe, path: str | Path, scale: float = 1.0, name: str | None = None) -
     if not layers:
         raise StudioError(f"{path}: {NO_TENSORS}")
     # 2. Attach; undo on any failure, so the pipeline is either changed as a whole or not at all.
-    attachment = _registry(pipe)[name] = WeightAttachment(pipe, name)
+    attachment = _registry(pipe)[name] = WeightAttachment(pipe, name, method.name)
     try:
         for part, model, layer_path, layer, params in layers:
             hook = _hook(layer)
@@ -390,28 +389,62 @@ def set_enabled(pipe, name: str, enabled: bool) -> None:
     _registry(pipe)[_known(pipe, name)].set_enabled(enabled)
 
 
+INPUT_FLAGS = {"image_prompt": "--image-prompt"}  # per-call inputs as the command line names them
+
+
+def check_inputs(methods: dict[str, str], given: set[str]) -> None:
+    """Refuse per-call inputs that do not fit the applied artifacts (`methods`: name -> method): one that an
+    artifact needs but is not `given`, or one `given` that no artifact takes. The CLI and the page call this
+    with the `--adapter` files' headers before loading anything; `call_inputs` again on the pipeline.
+
+    Example:
+        >>> check_inputs({"star": "lora"}, {"image_prompt"})
+        Traceback (most recent call last):
+        studio.errors.StudioError: --image-prompt is given but no applied artifact uses it; apply an IP-Adapter (--adapter FILE) or drop --image-prompt
+    """
+    for name, method in methods.items():
+        missing = [key for key in registry.get(method).inputs if key not in given]
+        if missing:
+            flag = INPUT_FLAGS[missing[0]]
+            raise StudioError(f"{name} is applied and needs {flag}: pass one (an image file), or remove {name}")
+    for key in sorted(given):
+        if not any(key in registry.get(method).inputs for method in methods.values()):
+            flag = INPUT_FLAGS[key]
+            raise StudioError(f"{flag} is given but no applied artifact uses it; apply an IP-Adapter (--adapter FILE) "
+                              f"or drop {flag}")
+
+
 def call_inputs(pipe, **inputs) -> dict:
-    """The pipeline call's extra arguments for per-call inputs (`image_prompt=`, `control=`), from the applied
-    artifacts that use them; an input no applied artifact takes is refused, naming what would.
+    """The pipeline call's extra arguments for per-call inputs (`image_prompt=` a PIL image), from the applied
+    artifacts that take them; inputs that do not fit the applied artifacts are refused (`check_inputs`).
 
     Example:
         >>> call_inputs(pipe, image_prompt=image)  # doctest: +SKIP
         {'ip_adapter_image': <PIL.Image.Image ...>}
     """
     given = {key: value for key, value in inputs.items() if value is not None}
+    check_inputs({name: attachment.method for name, attachment in _registry(pipe).items()}, set(given))
     kwargs: dict = {}
-    for name, attachment in _registry(pipe).items():
-        missing = [key for key in attachment.requires if key not in given]
-        if missing:
-            flag = "--" + missing[0].replace("_", "-")
-            raise StudioError(f"{name} is applied and needs {flag}: pass one (an image file), or remove {name}")
+    for attachment in _registry(pipe).values():
         kwargs.update(attachment.call_inputs(**given))
-    for key in given:
-        if not any(key in attachment.takes for attachment in _registry(pipe).values()):
-            what = {"image_prompt": "an IP-Adapter", "control": "a T2I-Adapter"}.get(key, "an artifact that takes it")
-            raise StudioError(f"--{key.replace('_', '-')} is given but no applied artifact uses it; apply {what} "
-                              f"(--adapter FILE) or drop --{key.replace('_', '-')}")
     return kwargs
+
+
+def artifact_methods(paths: list[str | Path]) -> dict[str, str]:
+    """Each artifact file's name (as `apply` would name it) and method, from its header alone.
+
+    Example:
+        >>> artifact_methods(["outputs/star/lora.safetensors"])  # doctest: +SKIP
+        {'lora': 'lora'}
+    """
+    methods: dict[str, str] = {}
+    for path in map(Path, paths):
+        name, n = path.stem, 1
+        while name in methods:
+            n += 1
+            name = f"{path.stem}-{n}"
+        methods[name] = _header(path).method
+    return methods
 
 
 def compose(pipe, artifacts: list[tuple[str | Path, float]]) -> list[str]:

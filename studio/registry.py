@@ -40,6 +40,9 @@ class Method:
     # How its artifact goes on a pipeline (studio.plugin): "weights", per-layer weight transforms (the default
     # kind: composes and fuses with the others); anything else attaches through `adapters/<m>.py::attach`.
     attaches: str = "weights"
+    # The per-call inputs its artifact needs when sampling ("image_prompt"), which `studio sample` and the page
+    # then require (and refuse when no applied artifact takes them).
+    inputs: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:
@@ -81,7 +84,7 @@ METHODS: dict[str, Method] = {
                trainer_class="studio.trainers.sara:SaRATrainer"),
         Method("ip-adapter", "adapter", "image prompt through decoupled cross-attention (image projection + to_k_ip/to_v_ip)",
                toy_learning_rate=1e-3, trainer_class="studio.trainers.ip_adapter:IPAdapterTrainer",
-               attaches="attention processors"),
+               attaches="attention processors", inputs=("image_prompt",)),
     ]
 }
 

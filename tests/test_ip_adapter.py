@@ -1,5 +1,7 @@
 """IP-Adapter: trained on the loop contract, saved in the official layout, loaded by stock diffusers and our plugin."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -177,3 +179,47 @@ def _sd_folder(tmp_path):
     folder = tmp_path / "sd"
     tiny_sd_pipeline().save_pretrained(folder)
     return folder
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("notes.txt", b"hello", "the image prompt is not an image"),
+    ("fake.png", b"not a png at all", "the image prompt is not a readable image"),
+    ("ref.png", None, "--image-prompt is given but no applied artifact uses it"),
+])
+def test_page_refuses_bad_image_prompts(tmp_path, reference, name, content, message):
+    """The page checks an image prompt as the CLI does, before any job exists."""
+    import gradio as gr
+
+    from studio.ui.app import Studio
+
+    studio_app = Studio(tmp_path / "studio", workers=0)
+    studio_app.upload_dir.mkdir(parents=True, exist_ok=True)
+    upload = studio_app.upload_dir / name
+    if content is None:
+        reference.save(upload)
+    else:
+        upload.write_bytes(content)
+    with pytest.raises(gr.Error, match=message):
+        studio_app.sample(studio_app.default_model, [], "", "", "0", 2, 5.0, "model default", 0, 0, str(upload))
+    assert studio_app.queue.list() == []
+
+
+def test_page_samples_with_an_image_prompt(tmp_path, trained, reference):
+    """An IP-Adapter on the stack and an image prompt (no text): the job's command carries both."""
+    from studio.ui.app import Studio
+
+    studio_app = Studio(tmp_path / "studio", workers=0)
+    studio_app.upload_dir.mkdir(parents=True, exist_ok=True)
+    upload = studio_app.upload_dir / "ref.png"
+    reference.save(upload)
+    artifact = studio_app.data_dir / "ip" / "ip-adapter.safetensors"
+    artifact.parent.mkdir(parents=True)
+    artifact.write_bytes(trained.artifact.read_bytes())
+    stack = [{"path": str(artifact), "name": "ip-adapter", "scale": 1.0, "enabled": True}]
+    studio_app.queue.submit = lambda job, argv: setattr(studio_app, "submitted", argv)  # no worker: record the command
+    studio_app.queue.get = lambda job_id: type("Job", (), {"status": "stopped", "command": "", "id": job_id})()
+    studio_app.sample(studio_app.default_model, stack, "", "", "0", 2, 5.0, "model default", 0, 0, str(upload))
+    argv = studio_app.submitted
+    assert argv[:2] == ["sample", ""] and "--image-prompt" in argv
+    kept = Path(argv[argv.index("--image-prompt") + 1])
+    assert kept.parent == studio_app.data_dir / "image-prompts" and kept.read_bytes() == upload.read_bytes()

@@ -116,7 +116,8 @@ def test_every_registered_method_trains_from_its_generated_form(studio_server):
 
     url, root = studio_server
     client = Client(url, verbose=False)
-    changed = {"lora": ("rank", 2), "oft": ("block size", 8), "boft": ("block size", 4), "sara": ("fraction", 0.2)}
+    changed = {"lora": ("rank", 2), "oft": ("block size", 8), "boft": ("block size", 4), "sara": ("fraction", 0.2),
+               "ip-adapter": ("drop rate", 0.1)}
     assert set(changed) == {m.name for m in registry.METHODS.values() if m.kind == "adapter"}
     jobs = {}
     for method, (label, value) in changed.items():
