@@ -27,6 +27,8 @@ Example:
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,7 @@ TOKENS = 4  # diffusers reads a `proj` image projection as 4 tokens
 IMAGE_PROJ = "image_proj."
 IP_LAYERS = "ip_adapter."
 IMAGE_ENCODER_FOLDER = "image_encoder"  # beside the file: what load_ip_adapter loads when the pipeline has none
+STOCK_LOADER = 'pipe.load_ip_adapter(FOLDER, subfolder="", weight_name=FILE)'  # what reads our files as they are
 
 
 @dataclass
@@ -66,7 +69,7 @@ def cross_attention_processors(unet: nn.Module) -> list[tuple[int, str]]:
     return [(1 + 2 * i, name) for i, name in enumerate(names)]
 
 
-def initial_state_dict(unet: nn.Module, image_embed_dim: int, seed: int | None = None) -> dict[str, dict[str, torch.Tensor]]:
+def initial_state_dict(unet: nn.Module, image_embed_dim: int) -> dict[str, dict[str, torch.Tensor]]:
     """A fresh IP-Adapter for `unet` in the official nested layout: a default-initialised projection (PyTorch's
     Linear init) and `to_k_ip` / `to_v_ip` copied from each cross-attention layer's `to_k` / `to_v`."""
     cross = unet.config.cross_attention_dim
@@ -98,6 +101,19 @@ def nested(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor
     return out
 
 
+@contextmanager
+def _quiet_dtype_notice():
+    """diffusers' IP-Adapter loader casts the UNet with `to(dtype)`, and `ModelMixin.to` then warns "There are
+    modules ... that should be kept in float32: []" (an empty list is not None) on every load: noise for a user."""
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def recognises(keys: list[str]) -> bool:
     """Whether a file's keys are the official IP-Adapter layout (what diffusers' loader reads).
 
@@ -114,7 +130,8 @@ def inject(unet: nn.Module, config: IPAdapterConfig, image_embed_dim: int) -> li
     if unet.config.cross_attention_dim is None:
         raise StudioError("IP-Adapter needs a UNet with cross-attention")
     unet.requires_grad_(False)
-    unet._load_ip_adapter_weights([initial_state_dict(unet, image_embed_dim)], low_cpu_mem_usage=False)
+    with _quiet_dtype_notice():
+        unet._load_ip_adapter_weights([initial_state_dict(unet, image_embed_dim)], low_cpu_mem_usage=False)
     for parameter in trainable_parameters(unet):
         parameter.requires_grad_(True)
     return [name.rsplit(".", 2)[0] + ".to_k" for _, name in cross_attention_processors(unet)]
@@ -196,7 +213,8 @@ class IPAdapterAttachment:
             encoder = CLIPVisionModelWithProjection.from_pretrained(folder).to(unet.device, unet.dtype)
             pipe.register_modules(image_encoder=encoder)
         try:
-            pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
+            with _quiet_dtype_notice():
+                pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
         except Exception as error:
             self._restore()
             raise StudioError(f"{path}: diffusers could not load this IP-Adapter on this pipeline ({error}); "

@@ -103,7 +103,33 @@ def train_step_table() -> str:
     return "\n".join(out).rstrip()
 
 
+def adapters_table() -> str:
+    """IP-Adapter's ip_match and ip_text_compat per IP scale with their 95% intervals, then the goals and the
+    parameter counts."""
+    data = json.loads((RESULTS / "adapters.json").read_text())
+    out = []
+    ip = data.get("ip-adapter")
+    if ip:
+        out.append("| IP scale | ip_match [95% CI] | ip_text_compat [95% CI] |")
+        out.append("|---|---|---|")
+        for scale, r in ip["scales"].items():
+            out.append(f"| {scale} | {_with_ci(r['ip_match']['value'], r['ip_match']['ci'])} | "
+                       f"{_with_ci(r['ip_text_compat']['value'], r['ip_text_compat']['ci'])} |")
+        base = ip["base_ip_match"]
+        out.append(f"| (toy model, no adapter) | {_with_ci(base['value'], base['ci'])} | — |")
+        out.append("")
+        out.append(f"{ip['references']} reference renders, one sample each per scale; goals: ip_match ≥ 0.80 at scale 1.0 "
+                   f"({ip['ip_match']:.2f}), ip_text_compat ≥ 0.70 at the best scale ({ip['best_scale']}: "
+                   f"{ip['ip_text_compat']:.2f}). Recipe: {ip['recipe']['max_train_steps']} steps, batch "
+                   f"{ip['recipe']['train_batch_size']}, caption dropout {ip['recipe']['caption_dropout']} "
+                   f"({ip['train_seconds'] / 60:.0f} min on one CPU thread). Parameters: {ip['params_toy']:,} on the toy "
+                   f"UNet, {ip['params_sd15'] / 1e6:.1f}M on an SD1.5-shaped UNet (the paper: {ip['params_paper']}).")
+    return "\n".join(out).rstrip()
+
+
 if __name__ == "__main__":
     print(personalize_table())
     print()
     print(train_step_table())
+    print()
+    print(adapters_table())

@@ -315,7 +315,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
         to_peft,
     )
 
+    from studio import registry
+
     source = Path(args.file)
+    if not source.is_file():
+        raise StudioError(f"{source} not found; pass an artifact file (.safetensors)")
+    if is_studio_file(source):
+        method = registry.get(read_header(source).method)
+        if method.attaches != "weights":  # its file is the official layout already
+            raise StudioError(f"{source} holds {method.name}, already in the layout of its stock loader "
+                              f"({method.adapter.STOCK_LOADER}); there is nothing to convert")
     if args.to == "peft":
         written = to_peft(source, args.output)
         form = peft_form(read_header(source))
@@ -368,6 +377,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from studio import registry
+
     parser = OneLineParser(prog="studio", description="Diffusion Studio: customize and edit diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -389,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.set_defaults(func=cmd_sample)
 
-    p = commands.add_parser("train", help="train an adapter (lora, oft, boft, sara)")
+    p = commands.add_parser("train", help=f"train an adapter ({', '.join(registry.METHODS)})")
     p.add_argument("--model", default=TOY_MODEL, help="'toy' (default), a diffusers folder, a .safetensors file, or a hub id")
     add_train_args(p)
     p.set_defaults(func=cmd_train)

@@ -223,3 +223,10 @@ def test_page_samples_with_an_image_prompt(tmp_path, trained, reference):
     assert argv[:2] == ["sample", ""] and "--image-prompt" in argv
     kept = Path(argv[argv.index("--image-prompt") + 1])
     assert kept.parent == studio_app.data_dir / "image-prompts" and kept.read_bytes() == upload.read_bytes()
+
+
+@pytest.mark.parametrize("to", ["kohya", "peft", "lycoris", "diffusers"])
+def test_convert_explains_there_is_nothing_to_convert(trained, tmp_path, capsys, to):
+    assert main(["convert", str(trained.artifact), "--to", to, "--output", str(tmp_path / "out")]) == 2
+    assert "already in the layout of its stock loader (pipe.load_ip_adapter" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

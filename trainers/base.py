@@ -366,7 +366,9 @@ class MethodTrainer:
     3. `loss(loop, rng, generator)` every step, with that step's seeded generators: draw every random choice
        from them, so a resumed run ends with the same weights.
     4. `after_step(loop, step, optimizer)` after every optimizer step (`step` counts from 1).
-    5. `artifact(loop)` once at the end: the file's tensors and its extra header entries.
+    5. `validation_inputs(loop)` at each validation: extra arguments of the pipeline call that draws the
+       validation images (IP-Adapter: an image prompt).
+    6. `artifact(loop)` once at the end: the file's tensors and its extra header entries.
 
     Parts named like the pipeline's text encoders train at `--text-encoder-lr`, every other part at
     `--learning-rate`; all train with AdamW and `weight_decay`.

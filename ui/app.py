@@ -298,8 +298,8 @@ class Studio:
         common, per_method = self.fields(kind)
         shapes = config.data.startswith("shapesworld:")
         updates = [config.method, "ShapesWorld" if shapes else "upload", config.data if shapes else gr.update()]
-        updates += [_form_value(f, getattr(config, f.name)) for f in common]
-        updates += [_form_value(f, getattr(method_config, f.name)) if name == config.method else gr.update()
+        updates += [_form_value(getattr(config, f.name)) for f in common]
+        updates += [_form_value(getattr(method_config, f.name)) if name == config.method else gr.update()
                     for name, fields in per_method.items() for f in fields]
         return updates
 
@@ -648,7 +648,7 @@ def _toml_value(value) -> str:
     return json.dumps(str(value))
 
 
-def _form_value(field: Field, value):
+def _form_value(value):
     """A config value as its form field shows it (lists comma-separated, "not given" as empty)."""
     if value is None:
         return ""

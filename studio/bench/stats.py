@@ -26,6 +26,17 @@ def _check_interval(level: float, resamples: int) -> None:
         raise StudioError(f"bootstrap resamples {resamples} must be at least 1")
 
 
+def _check_samples(values, what: str) -> np.ndarray:
+    """`values` as a float array, or a `StudioError` unless it is a non-empty flat list of finite numbers;
+    `what` names them in the message ("bootstrap values", "training seed #0's samples")."""
+    samples = np.asarray(values, dtype=float)
+    if samples.ndim != 1 or samples.size == 0:
+        raise StudioError(f"{what} must be a non-empty flat list of numbers, got shape {samples.shape}")
+    if not np.all(np.isfinite(samples)):
+        raise StudioError(f"{what} must be finite numbers, got {list(samples)!r}")
+    return samples
+
+
 def bootstrap_median_ci(values: Sequence[float], level: float = CI_LEVEL, resamples: int = BOOTSTRAP_RESAMPLES,
                         seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
     """The percentile-bootstrap interval of the median of `values`: (low, high), reproducible for a given seed.
@@ -35,11 +46,7 @@ def bootstrap_median_ci(values: Sequence[float], level: float = CI_LEVEL, resamp
         >>> low <= 1.0 <= high
         True
     """
-    samples = np.asarray(values, dtype=float)
-    if samples.ndim != 1 or samples.size == 0:
-        raise StudioError(f"bootstrap needs a non-empty flat list of numbers, got shape {samples.shape}")
-    if not np.all(np.isfinite(samples)):
-        raise StudioError(f"bootstrap values must be finite numbers, got {values!r}")
+    samples = _check_samples(values, "bootstrap values")
     _check_interval(level, resamples)
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, samples.size, size=(resamples, samples.size))
@@ -62,14 +69,9 @@ def two_level_bootstrap_ci(per_seed: Sequence[Sequence[float]], level: float = C
         >>> low <= 0.75 <= high
         True
     """
-    groups = [np.asarray(values, dtype=float) for values in per_seed]
-    if not groups:
+    if len(per_seed) == 0:
         raise StudioError("bootstrap needs at least one training seed's samples, got none")
-    for index, group in enumerate(groups):
-        if group.ndim != 1 or group.size == 0:
-            raise StudioError(f"training seed #{index} needs a non-empty flat list of samples, got shape {group.shape}")
-        if not np.all(np.isfinite(group)):
-            raise StudioError(f"training seed #{index}'s samples must be finite numbers, got {list(group)!r}")
+    groups = [_check_samples(values, f"training seed #{index}'s samples") for index, values in enumerate(per_seed)]
     _check_interval(level, resamples)
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(groups), size=(resamples, len(groups)))  # level 1: which training seeds
