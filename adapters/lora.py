@@ -29,12 +29,7 @@ from torch import nn
 
 from studio.errors import StudioError
 from studio.options import ranged
-from studio.targets import (
-    ATTENTION_PROJECTIONS,
-    file_module_name,
-    find_targets,
-    flat_weight,
-)
+from studio.targets import ATTENTION_PROJECTIONS, file_module_name, find_targets, flat_weight
 
 ADAPTER_NAME = "studio"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY

@@ -94,7 +94,7 @@ def sample_settings_from_args(args: argparse.Namespace, prompts: list[str]):
     from studio import plugin
 
     # Per-call inputs against the artifacts' methods, from their headers (no model loaded yet).
-    methods = plugin.artifact_methods([parse_adapter_arg(spec)[0] for spec in getattr(args, "adapter", [])])
+    methods = plugin.artifact_methods([parse_adapter_arg(spec)[0] for spec in args.adapter])
     plugin.check_inputs(methods, {"image_prompt"} if settings.image_prompt else set())
     return settings
 

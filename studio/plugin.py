@@ -220,8 +220,8 @@ class WeightAttachment:
     """An applied artifact of the default kind: its per-layer transforms, one entry in each touched layer's hook.
 
     Every kind of attachment has the same face (`method`, `layers`, `set_scale`, `set_enabled`, `remove`,
-    `call_inputs`: the pipeline arguments for the per-call inputs its method declares in the registry); a method of another kind gives its own from `adapters/<m>.py::attach` (IP-Adapter's
-    attention processors, for one).
+    `call_inputs`: the pipeline arguments for the per-call inputs its method declares in the registry); a
+    method of another kind gives its own from `adapters/<m>.py::attach` (IP-Adapter's attention processors).
     """
 
     def __init__(self, pipe, name: str, method: str) -> None:
@@ -270,13 +270,6 @@ def _registry(pipe) -> dict:
     return pipe._studio_artifacts
 
 
-def _hooks(pipe) -> list[StudioHook]:
-    """The hooks of every layer an applied artifact touches, each once."""
-    hooks = {id(hook): hook for attachment in _registry(pipe).values() if isinstance(attachment, WeightAttachment)
-             for hook in attachment.hooks()}
-    return list(hooks.values())
-
-
 def _stock_names(model: nn.Module) -> set[str]:
     return set(getattr(model, "peft_config", None) or {})
 
@@ -300,14 +293,11 @@ def apply(pipe, path: str | Path, scale: float = 1.0, name: str | None = None) -
     header = _header(path)
     method = registry.get(header.method)
     if name is None:
-        name, n = path.stem, 1
-        while name in _registry(pipe):
-            n += 1
-            name = f"{path.stem}-{n}"
+        name = _unique_name(path.stem, _registry(pipe))
     if name in _registry(pipe):
         raise StudioError(f"an artifact named {name!r} is already applied; pass another name or remove it first")
     tensors = load_file(str(path))
-    if any(hook.original is not None for hook in _hooks(pipe)):
+    if any(hook.original is not None for _, hook in _hooked_layers(pipe)):
         raise StudioError("unfuse the pipeline (studio.plugin.unfuse) before applying another artifact")
     if method.attaches != "weights":  # a method of its own kind (attention processors, an added network)
         check_fingerprint(header.fingerprint, pipe.unet, path)
@@ -360,6 +350,15 @@ def apply(pipe, path: str | Path, scale: float = 1.0, name: str | None = None) -
         attachment.remove()
         del _registry(pipe)[name]
         raise
+    return name
+
+
+def _unique_name(stem: str, taken) -> str:
+    """`stem`, or `stem-2`, `stem-3`, ... : the first not in `taken` (two runs' `lora.safetensors`)."""
+    name, n = stem, 1
+    while name in taken:
+        n += 1
+        name = f"{stem}-{n}"
     return name
 
 
@@ -439,11 +438,7 @@ def artifact_methods(paths: list[str | Path]) -> dict[str, str]:
     """
     methods: dict[str, str] = {}
     for path in map(Path, paths):
-        name, n = path.stem, 1
-        while name in methods:
-            n += 1
-            name = f"{path.stem}-{n}"
-        methods[name] = _header(path).method
+        methods[_unique_name(path.stem, methods)] = _header(path).method
     return methods
 
 
@@ -470,7 +465,7 @@ def fuse(pipe) -> None:
     after the fuse; fuse it with `pipe.fuse_lora()` or unload it first.
     """
     layers = [(layer, hook) for layer, hook in _hooked_layers(pipe) if hook.original is None and hook.active]
-    shared = [hook.path for layer, hook in layers if hook.stock(layer) is not None and hook.stock(layer).lora_A]
+    shared = [hook.path for layer, hook in layers if (stock := hook.stock(layer)) is not None and stock.lora_A]
     if shared:
         raise StudioError(f"{len(shared)} layer(s) carry a stock LoRA beside a studio artifact (first: {shared[0]}); "
                           "fuse the stock LoRA with pipe.fuse_lora() or unload it before studio.plugin.fuse")
