@@ -242,7 +242,7 @@ def train_config_from_args(args: argparse.Namespace):
 
     from studio import registry
     from studio.options import config_from_options, flag
-    from studio.trainers.base import TrainConfig, check_text_encoder_options
+    from studio.trainers.base import TrainConfig, check_prior_data, check_text_encoder_options
 
     values: dict = {}
     if args.config_file:
@@ -270,6 +270,7 @@ def train_config_from_args(args: argparse.Namespace):
     config.method_options = options
     method.config(options)  # each method option converted and range-checked, like the loop's
     check_text_encoder_options(config, method.adapter)
+    check_prior_data(config, method.trainer)
     return config
 
 

@@ -230,3 +230,12 @@ def test_convert_explains_there_is_nothing_to_convert(trained, tmp_path, capsys,
     assert main(["convert", str(trained.artifact), "--to", to, "--output", str(tmp_path / "out")]) == 2
     assert "already in the layout of its stock loader (pipe.load_ip_adapter" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_prior_data_is_refused_not_ignored(tmp_path, capsys):
+    """IP-Adapter's loss does not use a prior set: --prior-data is refused, nothing written."""
+    code = main(["train", "--method", "ip-adapter", "--data", DATA, "--prior-data", DATA, "--max-train-steps", "1",
+                 "--output-dir", str(tmp_path / "out")])
+    assert code == 2
+    assert capsys.readouterr().err == "error: --prior-data is not used by --method ip-adapter; drop --prior-data\n"
+    assert not (tmp_path / "out").exists()

@@ -274,6 +274,18 @@ def check_text_encoder_options(config: TrainConfig, adapter) -> None:
         )
 
 
+def check_prior_data(config: TrainConfig, trainer: MethodTrainer) -> None:
+    """Refuse `prior_data` for a method whose loss does not use it (IP-Adapter), rather than ignore it.
+
+    Example:
+        >>> check_prior_data(TrainConfig(method="ip-adapter", prior_data="shapesworld:"), registry.get("ip-adapter").trainer)
+        Traceback (most recent call last):
+        studio.errors.StudioError: --prior-data is not used by --method ip-adapter; drop --prior-data
+    """
+    if config.prior_data and not trainer.uses_prior_data:
+        raise StudioError(f"--prior-data is not used by --method {config.method}; drop --prior-data")
+
+
 @dataclass
 class Batch:
     """One training batch drawn from a cached dataset: which examples, their noised latents, the target, the
@@ -379,6 +391,7 @@ class MethodTrainer:
     """
 
     weight_decay = 0.0  # orthogonal and low-rank methods use none: decay would pull R to I / B A to 0
+    uses_prior_data = True  # its loss adds the --prior-data set's (refused where it would be ignored)
 
     def __init__(self, method: registry.Method) -> None:
         self.method = method
@@ -435,6 +448,7 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
     trainer = method.trainer
     check_options(config)  # every option in its declared range (the CLI, TOML and page checked already)
     check_text_encoder_options(config, method.adapter)
+    check_prior_data(config, trainer)
     method_config = method_config or method.config(config.method_options)
     check_options(method_config)
     output_dir = Path(config.output_dir)

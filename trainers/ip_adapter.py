@@ -28,6 +28,7 @@ class IPAdapterTrainer(MethodTrainer):
     """The loop contract for IP-Adapter: its own layers, image prompts as an extra field, dropout for guidance."""
 
     weight_decay = 0.01  # the paper's AdamW setting
+    uses_prior_data = False  # the loss is the image-prompted denoising of --data alone
 
     def attach(self, pipe, method_config, train_text_encoder: bool = False) -> dict[str, list[str]]:
         if getattr(pipe, "image_encoder", None) is None or getattr(pipe, "feature_extractor", None) is None:
