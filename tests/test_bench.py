@@ -148,3 +148,21 @@ def test_goals_verdicts_and_ci_notes():
     assert ci_notes(results) == [
         "sd15: 1 rounds (max minutes); an interval needs at least 5 rounds to be trusted",
         "sd15: the machine was busy (load average up to 7.6 on 2 cores): other processes' load can slow entries unequally"]
+
+
+def test_adapters_bench_runs_and_cleans_up(tmp_path, monkeypatch):
+    """A tiny `studio bench adapters` run: every metric present and a share, the SD1.5 count the paper's 22M, and
+    the temporary training output removed."""
+    import tempfile
+
+    from studio.bench.adapters import IP_SCALES, adapters
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    result = adapters(["ip-adapter"], n_refs=2, steps=2)["ip-adapter"]
+    assert set(result["scales"]) == {str(s) for s in IP_SCALES}
+    for per_scale in result["scales"].values():
+        for metric in ("ip_match", "ip_text_compat"):
+            assert 0 <= per_scale[metric]["ci"][0] <= per_scale[metric]["value"] <= per_scale[metric]["ci"][1] <= 1
+    assert result["best_scale"] in IP_SCALES and result["references"] == 2
+    assert 21e6 < result["params_sd15"] < 23e6
+    assert list(tmp_path.iterdir()) == []

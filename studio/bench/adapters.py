@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -86,11 +87,20 @@ def _share(hits: list[bool]) -> dict:
 
 def ip_adapter(n_refs: int = 128, train_seed: int = 0, steps: int | None = None, work_dir: str | None = None,
                artifact: str | None = None) -> dict:
-    """Train (or take `artifact`) and score the toy IP-Adapter; see the module docstring for the metrics."""
+    """Train (or take `artifact`) and score the toy IP-Adapter; see the module docstring for the metrics. The
+    training output is kept in `work_dir` if given, else removed afterwards."""
+    folder = Path(work_dir or tempfile.mkdtemp(prefix="studio-bench-ip-"))
+    try:
+        return _ip_adapter(n_refs, train_seed, steps, folder, artifact)
+    finally:
+        if work_dir is None:  # the trained adapter was only for this measurement
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _ip_adapter(n_refs: int, train_seed: int, steps: int | None, folder: Path, artifact: str | None) -> dict:
     from studio.adapters.ip_adapter import adapter_parameter_count, encode_images
     from studio.trainers.base import TrainConfig, train
 
-    folder = Path(work_dir or tempfile.mkdtemp(prefix="studio-bench-ip-"))
     started = time.time()
     recipe = {**IP_RECIPE, **({"max_train_steps": steps} if steps else {})}
     if artifact is None:
@@ -105,6 +115,7 @@ def ip_adapter(n_refs: int = 128, train_seed: int = 0, steps: int | None = None,
     embeds = encode_images(pipe, [image for _, image in scenes])
     rng = np.random.default_rng(REFERENCE_SEED + 1)
     other_colors = [str(rng.choice([c for c in COLORS if c != spec.color])) for spec in specs]
+    texts = [f"a {color} shape" for color in other_colors]
 
     def matches(images) -> list[bool]:
         rows = score(images, [{"shape": s.shape, "color": s.color, "texture": s.texture} for s in specs], evaluator).rows
@@ -115,7 +126,6 @@ def ip_adapter(n_refs: int = 128, train_seed: int = 0, steps: int | None = None,
     for scale in IP_SCALES:
         plugin.set_scale(pipe, name, scale)
         match = matches(sample_with_image_prompts(pipe, [""] * n_refs, embeds, seed=0))
-        texts = [f"a {color} shape" for color in other_colors]
         rows = score(sample_with_image_prompts(pipe, texts, embeds, seed=0),
                      [{"shape": s.shape, "color": c} for s, c in zip(specs, other_colors)], evaluator).rows
         result["scales"][str(scale)] = {"ip_match": _share(match),
