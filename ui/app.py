@@ -487,7 +487,8 @@ class Studio:
             argv += ["--image-prompt", str(self.keep_image_prompt(image_prompt))]
         check_command(argv)  # as the CLI checks it, before the job exists
         count = len(prompt_list) * len(seed_list or [0])
-        job = self.queue.create("sample", f"{_short(prompt_list[0])} · {count} image{'s' * (count != 1)}")
+        title = _short(prompt_list[0]) or "image prompt"  # an empty text prompt: the image alone
+        job = self.queue.create("sample", f"{title} · {count} image{'s' * (count != 1)}")
         self.sampling[getattr(request, "session_hash", None)] = job.id  # what this browser's Cancel stops
         self.queue.submit(job, argv + ["--output-dir", str(job.out)])
         while self.queue.get(job.id).status not in FINISHED:
