@@ -585,9 +585,14 @@ class Studio:
     def job_details(self, job_id: str | None) -> tuple[str, str, list[str], list, str]:
         """Status, command, output files (not the cache, checkpoints or tensorboard logs), validation images
         grouped by step (each captioned with it) and log of a job."""
-        if not job_id:
-            return "", "", [], [], ""
-        job = self.queue.get(job_id)
+        job = None
+        if job_id:
+            try:
+                job = self.queue.get(job_id)
+            except StudioError:  # deleted since the page picked it (a refresh can race the Delete button)
+                job = None
+        if job is None:  # the status line keeps its last message ("deleted job ..."); the rest empties
+            return gr.update(), "", [], [], ""
         skip = {"cache", "checkpoints", "logs", "validation"}  # internal: embeddings, resume state, tensorboard
         outputs = [str(p) for p in sorted(job.out.rglob("*"), key=_natural_key)
                    if p.is_file() and not skip.intersection(p.relative_to(job.out).parts)]
