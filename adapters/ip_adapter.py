@@ -27,8 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +35,7 @@ from torch import nn
 
 from studio.errors import StudioError
 from studio.options import ranged
+from studio.pipeline import quiet_dtype_notice
 
 TOKENS = 4  # diffusers reads a `proj` image projection as 4 tokens
 IMAGE_PROJ = "image_proj."
@@ -101,19 +100,6 @@ def nested(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor
     return out
 
 
-@contextmanager
-def _quiet_dtype_notice():
-    """diffusers' IP-Adapter loader casts the UNet with `to(dtype)`, and `ModelMixin.to` then warns "There are
-    modules ... that should be kept in float32: []" (an empty list is not None) on every load: noise for a user."""
-    logger = logging.getLogger("diffusers.models.modeling_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def recognises(keys: list[str]) -> bool:
     """Whether a file's keys are the official IP-Adapter layout (what diffusers' loader reads).
 
@@ -130,7 +116,7 @@ def inject(unet: nn.Module, config: IPAdapterConfig, image_embed_dim: int) -> li
     if unet.config.cross_attention_dim is None:
         raise StudioError("IP-Adapter needs a UNet with cross-attention")
     unet.requires_grad_(False)
-    with _quiet_dtype_notice():
+    with quiet_dtype_notice():
         unet._load_ip_adapter_weights([initial_state_dict(unet, image_embed_dim)], low_cpu_mem_usage=False)
     for parameter in trainable_parameters(unet):
         parameter.requires_grad_(True)
@@ -213,7 +199,7 @@ class IPAdapterAttachment:
             encoder = CLIPVisionModelWithProjection.from_pretrained(folder).to(unet.device, unet.dtype)
             pipe.register_modules(image_encoder=encoder)
         try:
-            with _quiet_dtype_notice():
+            with quiet_dtype_notice():
                 pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
         except Exception as error:
             self._restore()

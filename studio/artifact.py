@@ -42,6 +42,7 @@ VERSION_KEY = "studio.version"
 CONFIG_KEY = "studio.config"
 FINGERPRINT_KEY = "studio.fingerprint"
 TRIGGER_WORDS_KEY = "studio.trigger_words"  # caption words the toy vocabulary lacks ("sks"), as JSON
+FOLDER_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # a model folder's weights, as save_pretrained names them
 
 
 def studio_version() -> str:
@@ -131,6 +132,34 @@ def save_artifact(
     return path
 
 
+def artifact_file(path: str | Path) -> Path:
+    """The artifact file at `path`: the file itself, or in a folder written by `save_pretrained` (a T2I-Adapter's)
+    its `diffusion_pytorch_model.safetensors`.
+
+    Example:
+        >>> artifact_file("outputs/star/lora.safetensors")
+        PosixPath('outputs/star/lora.safetensors')
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not (path / FOLDER_WEIGHTS_NAME).is_file():
+            raise StudioError(f"{path} is a folder without {FOLDER_WEIGHTS_NAME}; pass an artifact file (.safetensors) "
+                              "or a T2I-Adapter folder")
+        return path / FOLDER_WEIGHTS_NAME
+    return path
+
+
+def artifact_name(path: str | Path) -> str:
+    """What an artifact is called when applied: its file's stem, or its folder's name for a folder's weights.
+
+    Example:
+        >>> artifact_name("out/lora.safetensors"), artifact_name("out/t2i-adapter/diffusion_pytorch_model.safetensors")
+        ('lora', 't2i-adapter')
+    """
+    path = Path(path)
+    return path.parent.name if path.name == FOLDER_WEIGHTS_NAME else path.stem
+
+
 def read_header(path: str | Path) -> ArtifactHeader:
     """Read an artifact's header without loading its tensors.
 
@@ -138,7 +167,7 @@ def read_header(path: str | Path) -> ArtifactHeader:
         >>> read_header("lora.safetensors").config["rank"]  # doctest: +SKIP
         4
     """
-    path = Path(path)
+    path = artifact_file(path)
     if not path.is_file():
         raise StudioError(f"artifact {path} not found")
     metadata = check_safetensors(path).get("__metadata__", {}) or {}

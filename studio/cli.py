@@ -52,8 +52,8 @@ def parse_adapter_arg(spec: str) -> tuple[Path, float]:
         except ValueError:
             pass  # a ':' inside the path, no scale
     path = Path(spec)
-    if not path.is_file():
-        raise StudioError(f"adapter file {path} not found (use --adapter FILE[:SCALE])")
+    if not path.exists():
+        raise StudioError(f"adapter file {path} not found (use --adapter FILE[:SCALE]; a T2I-Adapter is its folder)")
     return path, 1.0
 
 
@@ -88,14 +88,25 @@ def sample_settings_from_args(args: argparse.Namespace, prompts: list[str]):
         raise StudioError("no prompt given: pass at least one prompt, or --prompts-file with one prompt per line")
     options = {"prompts": list(prompts), "seeds": ",".join(args.seed), "negative_prompt": args.negative_prompt,
                "steps": args.steps, "guidance_scale": args.guidance_scale, "scheduler": args.scheduler,
-               "width": args.width, "height": args.height, "batch_size": args.batch_size, "image_prompt": args.image_prompt}
+               "width": args.width, "height": args.height, "batch_size": args.batch_size, "image_prompt": args.image_prompt,
+               "control": args.control or None}
     settings = config_from_options(SampleSettings, {k: v for k, v in options.items() if v is not None})
     settings.validate()
     from studio import plugin
 
     # Per-call inputs against the artifacts' methods, from their headers (no model loaded yet).
     methods = plugin.artifact_methods([parse_adapter_arg(spec)[0] for spec in args.adapter])
-    plugin.check_inputs(methods, {"image_prompt"} if settings.image_prompt else set())
+    given = {key for key in plugin.INPUT_FLAGS if getattr(settings, key)}
+    plugin.check_inputs(methods, given)
+    if settings.control:
+        from studio.adapters.t2i_adapter import check_controls
+        from studio.artifact import artifact_file, read_header
+        from studio.convert import is_studio_file
+
+        paths = [artifact_file(parse_adapter_arg(spec)[0]) for spec in args.adapter]
+        configs = [read_header(path).config if is_studio_file(path) else {"color": None}  # an official release's: unknown
+                   for path, method in zip(paths, methods.values()) if method == "t2i-adapter"]
+        check_controls(configs, settings.control_images())
     return settings
 
 
@@ -178,10 +189,17 @@ def cmd_bench_personalize(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_adapters(args: argparse.Namespace) -> int:
-    from studio.bench.adapters import adapters
+    from studio.bench.adapters import BENCHES, adapters
 
-    return print_result(adapters(args.adapters, n_refs=args.references, steps=args.max_train_steps,
-                                 work_dir=args.work_dir, train_seed=args.train_seed), args)
+    result = adapters(args.adapters, n_refs=args.references, steps=args.max_train_steps, work_dir=args.work_dir,
+                      train_seed=args.train_seed)
+    if args.output and Path(args.output).is_file():  # one adapter re-measured: the others' entries stay in the file
+        try:
+            kept = json.loads(Path(args.output).read_text())
+        except json.JSONDecodeError:
+            kept = {}
+        result = {name: result.get(name, kept.get(name)) for name in BENCHES if name in result or name in kept}
+    return print_result(result, args)
 
 
 def cmd_bench_train_step(args: argparse.Namespace) -> int:
@@ -318,7 +336,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     from studio import registry
 
-    source = Path(args.file)
+    from studio.artifact import artifact_file
+
+    source = artifact_file(args.file)
     if not source.is_file():
         raise StudioError(f"{source} not found; pass an artifact file (.safetensors)")
     if is_studio_file(source):
@@ -398,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a studio artifact at a scale (repeatable; they compose in order)")
     p.add_argument("--image-prompt", default=None, metavar="IMG", help="an image as prompt, for an applied IP-Adapter")
+    p.add_argument("--control", action="append", default=[], metavar="IMG[:KIND]",
+                   help="a control image (a mask, an edge map) for an applied T2I-Adapter; KIND routes it to the adapter "
+                        "of that condition when several are applied (repeatable)")
     add_model_args(p)
     p.set_defaults(func=cmd_sample)
 
@@ -453,13 +476,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="also write the JSON to this file")
     p.set_defaults(func=cmd_bench_personalize)
     p = bench.add_parser("adapters", help="image-prompt and structure adapters on the toy model: ip_match, ip_text_compat, ...")
-    p.add_argument("--adapters", nargs="+", default=None, choices=["ip-adapter"], help="default: all (today: ip-adapter)")
-    p.add_argument("--references", type=int, default=128, help="reference scenes (image prompts), one sample each per scale")
+    p.add_argument("--adapters", nargs="+", default=None, choices=["ip-adapter", "t2i-adapter"], help="default: all")
+    p.add_argument("--references", type=int, default=128,
+                   help="reference scenes (image prompts, control images), one sample each per setting")
     p.add_argument("--max-train-steps", type=int, default=None, help="override the recipe's step budget")
     p.add_argument("--train-seed", type=int, default=0)
     p.add_argument("--work-dir", default=None, help="keep the trained artifacts here (default: a temporary folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--output", default=None, help="also write the JSON to this file")
+    p.add_argument("--output", default=None,
+                   help="also write the JSON to this file (entries of adapters not measured now are kept from it)")
     p.set_defaults(func=cmd_bench_adapters)
     p = bench.add_parser("train-step", help="seconds and peak memory of a training step: ours, PEFT, floor, full")
     p.add_argument("--models", nargs="+", default=None, choices=["toy", "sd15"])

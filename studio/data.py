@@ -14,6 +14,13 @@ captioned from the template ({color}, {shape}, {texture}, {position},
 {background} are filled in; {caption} is the full canonical caption, e.g.
 "a red striped circle in the top left on a white background").
 
+A control image (T2I-Adapter's condition: a mask, an edge map) of `X/img.jpg` is
+`X/conditions/img.png` (any image suffix), the same size as its image; images in
+a folder named `conditions` are never training images. A ShapesWorld spec with
+`condition=mask` or `condition=edge` derives it from each render (the object's
+mask, or its 1-pixel outline), and `place=random` puts each object anywhere on
+the canvas instead of at one of the five named positions.
+
 Images are sorted into aspect-ratio buckets of about `resolution`^2 pixels
 (sides multiples of `multiple`); each image is resized and centre-cropped to
 its bucket, and a batch never mixes buckets.
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from glob import escape as glob_escape
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +48,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 MAX_IMAGE_BYTES = 20 * 2**20  # per image a user hands us (an upload, an image prompt)
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger than any SD training size; beyond it PIL may be fed a decompression bomb
 SHAPESWORLD_PREFIX = "shapesworld:"
+CONDITIONS_FOLDER = "conditions"  # control images beside the training images: conditions/<image stem>.png
+SHAPESWORLD_CONDITIONS = ("mask", "edge")
+RANDOM_PLACE_RANGE = 0.25  # place=random: the object's centre anywhere within +-25% of the canvas around its middle
 
 
 @dataclass
@@ -47,6 +58,7 @@ class Example:
     image: Image.Image
     caption: str
     source: str
+    condition: Image.Image | None = None  # a control image (mask, edges) aligned with `image`, for T2I-Adapter
 
 
 @dataclass
@@ -80,7 +92,9 @@ def load_dataset(
     else:
         examples, skipped = folder_examples(Path(spec), default_caption, trigger, repeats)
     buckets = [bucket_for(ex.image.size, resolution, multiple) for ex in examples]
-    examples = [Example(fit_to_bucket(ex.image, b), ex.caption, ex.source) for ex, b in zip(examples, buckets)]
+    examples = [Example(fit_to_bucket(ex.image, b), ex.caption, ex.source,
+                        fit_to_bucket(ex.condition, b) if ex.condition is not None else None)
+                for ex, b in zip(examples, buckets)]
     return Dataset(examples, buckets, skipped)
 
 
@@ -89,7 +103,8 @@ def folder_examples(folder: Path, default_caption: str | None, trigger: str | No
         raise StudioError(f"dataset folder {folder} not found; pass a folder of images with .txt captions, or shapesworld:SPEC")
     examples: list[Example] = []
     skipped: list[str] = []
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                   and CONDITIONS_FOLDER not in p.relative_to(folder).parts[:-1])
     for path in files:
         folder_repeats, folder_caption = _folder_convention(path.parent, folder)
         try:
@@ -103,7 +118,8 @@ def folder_examples(folder: Path, default_caption: str | None, trigger: str | No
         caption = _read_caption(path) or folder_caption or default_caption or trigger or ""
         if trigger and trigger not in caption.split():
             caption = f"{trigger} {caption}".strip()
-        examples.extend(Example(image, caption, str(path)) for _ in range(repeats * folder_repeats))
+        condition = _read_condition(path, image.size)
+        examples.extend(Example(image, caption, str(path), condition) for _ in range(repeats * folder_repeats))
     if not examples:
         detail = f" ({len(skipped)} unreadable)" if skipped else ""
         raise StudioError(f"no usable images in {folder}{detail}; supported: {', '.join(sorted(IMAGE_SUFFIXES))}")
@@ -115,6 +131,23 @@ def _read_caption(image_path: Path) -> str | None:
         caption_path = image_path.with_suffix(suffix)
         if caption_path.is_file():
             return caption_path.read_text(encoding="utf-8", errors="replace").strip()
+    return None
+
+
+def _read_condition(image_path: Path, size: tuple[int, int]) -> Image.Image | None:
+    """The control image of `image_path` (`conditions/<stem>.<suffix>` beside it), as it is stored: a mask or
+    edge map is one channel ("L"); None when there is none."""
+    for candidate in sorted((image_path.parent / CONDITIONS_FOLDER).glob(f"{glob_escape(image_path.stem)}.*")):
+        if candidate.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        check_image(candidate, str(candidate))
+        with Image.open(candidate) as img:
+            img.load()
+            condition = img if img.mode in ("L", "RGB") else img.convert("RGB" if len(img.getbands()) >= 3 else "L")
+        if condition.size != size:
+            raise StudioError(f"condition {candidate} is {condition.width}x{condition.height} but its image "
+                              f"{image_path} is {size[0]}x{size[1]}; a condition must be aligned with its image, pixel for pixel")
+        return condition
     return None
 
 
@@ -150,8 +183,9 @@ def check_image(path: Path, shown_name: str) -> None:
         raise StudioError(f"{shown_name} is not a readable image ({type(err).__name__})") from None
 
 
-def open_image(path: str | Path, what: str) -> Image.Image:
-    """The RGB image at `path`, checked first (`check_image`); `what` names it in errors ("--image-prompt").
+def open_image(path: str | Path, what: str, mode: str | None = "RGB") -> Image.Image:
+    """The image at `path` in `mode` (None: as stored), checked first (`check_image`); `what` names it in errors
+    ("--image-prompt").
 
     Example:
         >>> open_image("missing.png", "--image-prompt")
@@ -164,7 +198,8 @@ def open_image(path: str | Path, what: str) -> Image.Image:
         raise StudioError(f"{shown}: no such file")
     check_image(path, shown)
     with Image.open(path) as image:
-        return image.convert("RGB")
+        image.load()
+        return image.convert(mode) if mode else image
 
 
 def parse_shapesworld_spec(spec: str) -> dict:
@@ -176,7 +211,8 @@ def parse_shapesworld_spec(spec: str) -> dict:
     """
     from studio.toy.render import COLORS, SEEN_SHAPES, SHAPES
 
-    options = {"shape": "star", "count": "8", "colors": "|".join(COLORS), "caption": "a {color} {shape}", "seed": "0"}
+    options = {"shape": "star", "count": "8", "colors": "|".join(COLORS), "caption": "a {color} {shape}", "seed": "0",
+               "condition": "", "place": "named"}
     for part in filter(None, spec.split(",")):
         key, sep, value = part.partition("=")
         if not sep or key.strip() not in options:
@@ -192,6 +228,16 @@ def parse_shapesworld_spec(spec: str) -> dict:
         raise StudioError(f"unknown colours {unknown} in ShapesWorld spec; choose from {', '.join(COLORS)}")
     if not options["count"].isdigit() or int(options["count"]) < 1:
         raise StudioError(f"ShapesWorld count must be a positive integer (got {options['count']!r})")
+    if options["condition"] not in ("", *SHAPESWORLD_CONDITIONS):
+        raise StudioError(f"ShapesWorld condition {options['condition']!r}: choose {' or '.join(SHAPESWORLD_CONDITIONS)} "
+                          "(or leave it out)")
+    if options["place"] not in ("named", "random"):
+        raise StudioError(f"ShapesWorld place {options['place']!r}: choose named (the five positions) or random")
+    if options["place"] == "random" and re.search(r"\{(position|caption)\}", options["caption"]):
+        raise StudioError("a ShapesWorld caption with {position} or {caption} names the object's position, which "
+                          "place=random does not have; write the caption without it (e.g. 'a {color} {shape}')")
+    if not options["seed"].isdigit():
+        raise StudioError(f"ShapesWorld seed must be a whole number (got {options['seed']!r})")
     return {**options, "count": int(options["count"]), "shapes": shapes, "colors": colors, "seed": int(options["seed"])}
 
 
@@ -206,14 +252,38 @@ def shapesworld_examples(spec: str, resolution: int) -> list[Example]:
         shape = options["shapes"][i % len(options["shapes"])]
         color = options["colors"][i % len(options["colors"])]
         base = random_spec(rng)
+        jitter = random_jitter(rng)
+        if options["place"] == "random":
+            base = ShapeSpec(base.shape, base.color, base.texture, base.background, base.size, "center")
+            dx, dy = rng.uniform(-RANDOM_PLACE_RANGE, RANDOM_PLACE_RANGE, size=2)
+            jitter = (float(dx), float(dy), jitter[2])
         spec_i = ShapeSpec(shape, color, base.texture, base.background, base.size, base.position)
-        image = Image.fromarray(render(spec_i, resolution, resolution, random_jitter(rng)).image)
+        drawn = render(spec_i, resolution, resolution, jitter)
         caption = options["caption"].format(
             color=color, shape=shape, texture=spec_i.texture, position=spec_i.position,
             background=spec_i.background, caption=canonical_caption(spec_i),
         )
-        examples.append(Example(image, caption, f"shapesworld:{i}"))
+        condition = condition_image(drawn.mask, options["condition"]) if options["condition"] else None
+        examples.append(Example(Image.fromarray(drawn.image), caption, f"shapesworld:{i}", condition))
     return examples
+
+
+def condition_image(mask: np.ndarray, kind: str) -> Image.Image:
+    """A ShapesWorld control image from an object mask (H x W bool): the mask itself, or its edge (the mask's
+    pixels with a 4-neighbour outside it, a 1-pixel outline); white on black, one channel.
+
+    Example:
+        >>> mask = np.zeros((8, 8), bool); mask[2:6, 2:6] = True
+        >>> int((np.array(condition_image(mask, "edge")) > 0).sum()), int((np.array(condition_image(mask, "mask")) > 0).sum())
+        (12, 16)
+    """
+    if kind == "edge":
+        padded = np.pad(mask, 1, constant_values=False)
+        inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        mask = mask & ~inner
+    elif kind != "mask":
+        raise StudioError(f"unknown condition kind {kind!r}; ShapesWorld draws {' or '.join(SHAPESWORLD_CONDITIONS)}")
+    return Image.fromarray(mask.astype(np.uint8) * 255)
 
 
 def bucket_for(size: tuple[int, int], resolution: int, multiple: int = 8) -> tuple[int, int]:

@@ -14,7 +14,9 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,6 +39,19 @@ SCHEDULERS = {
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+
+
+@contextmanager
+def quiet_dtype_notice():
+    """Silence diffusers' "There are modules ... that should be kept in float32: []" (an empty list is not None),
+    which `ModelMixin.to(dtype)` logs on every cast (the IP-Adapter loader's, ours of a T2I-Adapter): noise for a user."""
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def assets_dir() -> Path:

@@ -51,7 +51,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from studio import registry
-from studio.artifact import check_fingerprint, read_header
+from studio.artifact import artifact_file, artifact_name, check_fingerprint, read_header
 from studio.errors import StudioError
 from studio.targets import layer_forward, model_module_name
 
@@ -289,11 +289,11 @@ def apply(pipe, path: str | Path, scale: float = 1.0, name: str | None = None) -
         >>> apply(pipe, "outputs/star/lora.safetensors", scale=0.8)  # doctest: +SKIP
         'lora'
     """
-    path = Path(path)
+    path = artifact_file(path)
     header = _header(path)
     method = registry.get(header.method)
     if name is None:
-        name = _unique_name(path.stem, _registry(pipe))
+        name = _unique_name(artifact_name(path), _registry(pipe))
     if name in _registry(pipe):
         raise StudioError(f"an artifact named {name!r} is already applied; pass another name or remove it first")
     tensors = load_file(str(path))
@@ -388,7 +388,7 @@ def set_enabled(pipe, name: str, enabled: bool) -> None:
     _registry(pipe)[_known(pipe, name)].set_enabled(enabled)
 
 
-INPUT_FLAGS = {"image_prompt": "--image-prompt"}  # per-call inputs as the command line names them
+INPUT_FLAGS = {"image_prompt": "--image-prompt", "control": "--control"}  # per-call inputs as the command line names them
 
 
 def check_inputs(methods: dict[str, str], given: set[str]) -> None:
@@ -399,7 +399,7 @@ def check_inputs(methods: dict[str, str], given: set[str]) -> None:
     Example:
         >>> check_inputs({"star": "lora"}, {"image_prompt"})
         Traceback (most recent call last):
-        studio.errors.StudioError: --image-prompt is given but no applied artifact uses it; apply an IP-Adapter (--adapter FILE) or drop --image-prompt
+        studio.errors.StudioError: --image-prompt is given but no applied artifact uses it; apply an artifact of a method that takes it (ip-adapter) with --adapter, or drop --image-prompt
     """
     for name, method in methods.items():
         missing = [key for key in registry.get(method).inputs if key not in given]
@@ -409,8 +409,9 @@ def check_inputs(methods: dict[str, str], given: set[str]) -> None:
     for key in sorted(given):
         if not any(key in registry.get(method).inputs for method in methods.values()):
             flag = INPUT_FLAGS[key]
-            raise StudioError(f"{flag} is given but no applied artifact uses it; apply an IP-Adapter (--adapter FILE) "
-                              f"or drop {flag}")
+            takers = ", ".join(m.name for m in registry.METHODS.values() if key in m.inputs)
+            raise StudioError(f"{flag} is given but no applied artifact uses it; apply an artifact of a method that "
+                              f"takes it ({takers}) with --adapter, or drop {flag}")
 
 
 def call_inputs(pipe, **inputs) -> dict:
@@ -437,8 +438,8 @@ def artifact_methods(paths: list[str | Path]) -> dict[str, str]:
         {'lora': 'lora'}
     """
     methods: dict[str, str] = {}
-    for path in map(Path, paths):
-        methods[_unique_name(path.stem, methods)] = _header(path).method
+    for path in map(artifact_file, paths):
+        methods[_unique_name(artifact_name(path), methods)] = _header(path).method
     return methods
 
 

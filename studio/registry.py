@@ -85,6 +85,9 @@ METHODS: dict[str, Method] = {
         Method("ip-adapter", "adapter", "image prompt through decoupled cross-attention (image projection + to_k_ip/to_v_ip)",
                toy_learning_rate=1e-3, trainer_class="studio.trainers.ip_adapter:IPAdapterTrainer",
                attaches="attention processors", inputs=("image_prompt",)),
+        Method("t2i-adapter", "adapter", "control image (mask, edges) through a small network adding features to the UNet's down blocks",
+               toy_learning_rate=1e-3, trainer_class="studio.trainers.t2i_adapter:T2IAdapterTrainer",
+               attaches="added network", inputs=("control",)),
     ]
 }
 

@@ -39,6 +39,7 @@ class SampleSettings:
     height: int | None = ranged(None, 8, 4096, multiple_of=8)
     batch_size: int = ranged(8, 1, 1024)
     image_prompt: str | None = None  # an image file, for an applied IP-Adapter
+    control: list[str] | None = None  # control images "IMG[:KIND]", for applied T2I-Adapters
 
     def validate(self) -> None:
         """Refuse, in one line naming the option, any setting out of its range; nothing is loaded or written.
@@ -58,6 +59,20 @@ class SampleSettings:
             raise StudioError(f"--scheduler {self.scheduler!r}: must be one of {', '.join(SCHEDULERS)}")
         if self.image_prompt is not None:
             open_image(self.image_prompt, "--image-prompt")
+        self.control_images()
+
+    def control_images(self) -> list:
+        """The control images as (image, kind or None), each checked: a readable image with a usable channel count
+        (whether it fits an adapter's one or three channels is checked when it is applied)."""
+        from studio.adapters.t2i_adapter import control_pixels, parse_control
+
+        controls = []
+        for spec in self.control or []:
+            path, kind = parse_control(spec)
+            image = open_image(path, "--control", mode=None)
+            control_pixels(image, True, f"--control {path!r}")
+            controls.append((image, kind))
+        return controls
 
 
 @dataclass
@@ -106,7 +121,8 @@ def generate(pipe, settings: SampleSettings, progress: bool = True) -> list[Imag
 
     settings.validate()
     image_prompt = open_image(settings.image_prompt, "--image-prompt") if settings.image_prompt else None
-    inputs = plugin.call_inputs(pipe, image_prompt=image_prompt)  # what the applied artifacts take per call
+    # What the applied artifacts take per call.
+    inputs = plugin.call_inputs(pipe, image_prompt=image_prompt, control=settings.control_images() or None)
     if settings.scheduler:
         set_scheduler(pipe, settings.scheduler)
     width, height = default_size(pipe)

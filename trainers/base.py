@@ -299,10 +299,16 @@ class Batch:
     added: dict | None
 
 
+def uniform_timesteps(n: int, total: int, generator: torch.Generator) -> torch.Tensor:
+    """n training timesteps drawn uniformly from [0, total): the default."""
+    return torch.randint(0, total, (n,), generator=generator)
+
+
 def draw_batch(cached: Cached, config: TrainConfig, noise_scheduler, rng, generator, device,
-               live_text: LiveText | None = None) -> Batch:
+               live_text: LiveText | None = None, timesteps=uniform_timesteps) -> Batch:
     """Draw a batch (every random choice from `rng` and `generator`); with `live_text`, the captions go
-    through the text encoder(s) instead of coming from the cache."""
+    through the text encoder(s) instead of coming from the cache. `timesteps(n, total, generator)` draws the
+    timesteps (T2I-Adapter's are biased towards the noisy end)."""
     batch = bucket_batches(cached.data.buckets, config.train_batch_size, rng)[0]
     mean = torch.stack([cached.latents[i][0] for i in batch])
     std = torch.stack([cached.latents[i][1] for i in batch])
@@ -321,7 +327,7 @@ def draw_batch(cached: Cached, config: TrainConfig, noise_scheduler, rng, genera
     noise = torch.randn(sample.shape, generator=generator)
     if config.noise_offset:
         noise += config.noise_offset * torch.randn(sample.shape[:2] + (1, 1), generator=generator)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=generator)
+    timesteps = timesteps(len(batch), noise_scheduler.config.num_train_timesteps, generator)
     noisy = noise_scheduler.add_noise(sample, noise, timesteps)
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
@@ -371,8 +377,9 @@ class MethodTrainer:
     half-way re-selection). `train` calls, in this order:
 
     1. `attach(pipe, method_config, train_text_encoder)` once, before any data is read: put the trainable
-       layers on the pipeline, freeze the rest, return the touched layer names per part. A model-dependent
-       bad option fails here, before anything is written.
+       layers on the pipeline (or build a network beside it), freeze the rest, return the touched layer names
+       per trained part; `model(pipe, part)` gives each part. A model-dependent bad option fails here, before
+       anything is written.
     2. `prepare(loop)` once, after the data is cached: compute what the method's training examples carry
        beyond image and caption (IP-Adapter: each image's embedding as its image prompt).
     3. `loss(loop, rng, generator)` every step, with that step's seeded generators: draw every random choice
@@ -380,7 +387,8 @@ class MethodTrainer:
     4. `after_step(loop, step, optimizer)` after every optimizer step (`step` counts from 1).
     5. `validation_inputs(loop)` at each validation: extra arguments of the pipeline call that draws the
        validation images (IP-Adapter: an image prompt).
-    6. `artifact(loop)` once at the end: the file's tensors and its extra header entries.
+    6. `artifact(loop)` once at the end: the file's tensors and its extra header entries, written with the
+       studio header to `artifact_path(output_dir)`.
 
     Parts named like the pipeline's text encoders train at `--text-encoder-lr`, every other part at
     `--learning-rate`; all train with AdamW and `weight_decay`.
@@ -399,12 +407,21 @@ class MethodTrainer:
 
     def attach(self, pipe, method_config, train_text_encoder: bool = False) -> dict[str, list[str]]:
         """The method's layers on the UNet (and with `train_text_encoder` on each text encoder); the names
-        of the wrapped layers per pipeline part."""
+        of the wrapped layers per trained part (the "unet" entry's make the file's base-model fingerprint)."""
         parts = {"unet": self.adapter.inject(pipe.unet, method_config)}
         if train_text_encoder:
             for name in text_encoder_names(pipe):
                 parts[name] = self.adapter.inject_text_encoder(getattr(pipe, name), method_config)
         return parts
+
+    def model(self, pipe, part: str) -> torch.nn.Module:
+        """The trained part named `part` by `attach`: a pipeline component by default; a network the method
+        adds (T2I-Adapter's) is its own."""
+        return getattr(pipe, part)
+
+    def artifact_path(self, output_dir: Path) -> Path:
+        """Where the artifact is written: `<output_dir>/<method>.safetensors` by default."""
+        return output_dir / f"{self.method.name}.safetensors"
 
     def prepare(self, loop: Loop) -> None:
         """Nothing by default: a training example is an image and its caption."""
@@ -475,7 +492,7 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
     pipe.set_progress_bar_config(disable=True)
     parts = trainer.attach(pipe, method_config, config.train_text_encoder)
     base_fingerprint = fingerprint(pipe.unet, parts["unet"])
-    models = {part: getattr(pipe, part) for part in parts}
+    models = {part: trainer.model(pipe, part) for part in parts}
     for part, model in models.items():
         if part != "unet":
             base_fingerprint[part] = fingerprint(model, parts[part])
@@ -483,7 +500,7 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
         if config.gradient_checkpointing:
             if part == "unet":
                 model.enable_gradient_checkpointing()
-            else:
+            elif part in text_encoder_names(pipe):  # an added network (T2I-Adapter's) is small: none
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # 2. The data, encoded once (the wrapped layers are the identity until they train).
@@ -579,7 +596,7 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
 
     # 4. The artifact.
     accelerator.wait_for_everyone()
-    artifact = output_dir / f"{config.method}.safetensors"
+    artifact = trainer.artifact_path(output_dir)
     if accelerator.is_main_process:
         tensors, metadata = trainer.artifact(loop)
         if config.model == TOY_MODEL:  # caption words the toy vocabulary lacks ("sks"): its prompt warning spares them

@@ -40,6 +40,10 @@ SHAPESWORLD_PRESETS = {
     "star, 8 renders, 'a {color} sks'": "shapesworld:shape=star,count=8,colors=red|green|blue|yellow,caption=a {color} sks",
     "heart, 8 renders, 'a {color} sks'": "shapesworld:shape=heart,count=8,colors=red|green|blue|yellow,caption=a {color} sks",
     "seen shapes, 120 renders, full captions": "shapesworld:shape=seen,count=120,caption={caption}",
+    "shapes anywhere + masks (T2I-Adapter), 1000 renders": "shapesworld:shape=seen,count=1000,condition=mask,place=random,"
+                                                          "caption=a {color} {texture} {shape} on a {background} background",
+    "shapes anywhere + edges (T2I-Adapter), 1000 renders": "shapesworld:shape=seen,count=1000,condition=edge,place=random,"
+                                                          "caption=a {color} {texture} {shape} on a {background} background",
 }
 
 
@@ -464,9 +468,9 @@ class Studio:
     @shows_errors
     def sample(self, model_state: dict, stack: list[dict], prompts: str, negative: str, seeds: str, steps: float,
                guidance: float, scheduler: str, width: float | None, height: float | None, image_prompt: str | None = None,
-               request: gr.Request = None, progress: gr.Progress = gr.Progress()) -> tuple[list, str, str, dict]:
+               control: str | None = None, control_kind: str | None = None, request: gr.Request = None, progress: gr.Progress = gr.Progress()) -> tuple[list, str, str, dict]:
         """Queue `studio sample ...` with the enabled artifacts at their scales (and the image prompt, for an
-        IP-Adapter), wait, return the images (each captioned with its prompt and seed), the command, a note and
+        IP-Adapter; the control image and its kind, for a T2I-Adapter), wait, return the images (each captioned with its prompt and seed), the command, a note and
         a zip of them all."""
         prompt_list = [line.strip() for line in (prompts or "").splitlines() if line.strip()]
         seed_list = [s for s in re.split(r"[\s,]+", (seeds or "0").strip()) if s]  # checked with the rest below
@@ -484,7 +488,11 @@ class Studio:
         argv += [arg for key, value in (("width", width), ("height", height)) if value for arg in (f"--{key}", _number_arg(value))]
         argv += [*adapter_argv, *self.model_argv(model_state)]
         if image_prompt:
-            argv += ["--image-prompt", str(self.keep_image_prompt(image_prompt))]
+            argv += ["--image-prompt", str(self.keep_image(image_prompt, "the image prompt", "image-prompts"))]
+        if control:
+            kept = self.keep_image(control, "the control image", "control-images")
+            kind = (control_kind or "").strip()
+            argv += ["--control", f"{kept}:{kind}" if kind else str(kept)]
         check_command(argv)  # as the CLI checks it, before the job exists
         count = len(prompt_list) * len(seed_list or [0])
         title = _short(prompt_list[0]) or "image prompt"  # an empty text prompt: the image alone
@@ -515,14 +523,15 @@ class Studio:
         info = f"{len(images)} images · job {job.id}" + (f"\n\n{note}" if note else "")
         return images, job.command, info, gr.update(value=str(archive), visible=True)
 
-    def keep_image_prompt(self, file: str) -> Path:
-        """Check an uploaded image prompt and keep it under `image-prompts/` (the job's command names it there)."""
+    def keep_image(self, file: str, what: str, folder: str) -> Path:
+        """Check an uploaded image (an image prompt, a control image; `what` names it in errors) and keep it under
+        `folder` in the data folder (the job's command names it there)."""
         from studio.data import check_image
 
         upload = uploads.inside(self.upload_dir, file)
-        check_image(upload, "the image prompt")
+        check_image(upload, what)
         digest = hashlib.sha256(upload.read_bytes()).hexdigest()[:8]
-        target = self.data_dir / "image-prompts" / f"{digest}-{uploads.safe_name(upload.name)}"
+        target = self.data_dir / folder / f"{digest}-{uploads.safe_name(upload.name)}"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(upload, target)
         return target
@@ -747,7 +756,8 @@ def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State, time
                 first_preset = next(iter(SHAPESWORLD_PRESETS))
                 preset = gr.Dropdown(list(SHAPESWORLD_PRESETS), value=first_preset, label="ShapesWorld preset")
                 spec = gr.Textbox(SHAPESWORLD_PRESETS[first_preset], label="ShapesWorld spec")
-                files = gr.File(file_count="multiple", label="images + .txt captions (same names)", visible=False,
+                files = gr.File(file_count="multiple", visible=False,
+                                label="images + .txt captions (same names); a T2I-Adapter's control images as NAME-condition.png",
                                 elem_id=f"{task.command}-upload")
                 by_name = {}
                 with gr.Row():
@@ -859,6 +869,12 @@ def _sample_tab(studio: Studio, model_state: gr.State, tab: gr.Tab) -> tuple[gr.
             negative = gr.Textbox(label="negative prompt")
             with gr.Accordion("Image prompt (for an IP-Adapter in the stack)", open=False):
                 image_prompt = gr.Image(type="filepath", label="image prompt", height=160, sources=["upload"])
+            with gr.Accordion("Control image (for a T2I-Adapter in the stack)", open=False):
+                with gr.Row():
+                    # image_mode=None keeps the file's channels: a mask stays one channel, and a bad one is refused
+                    control = gr.Image(type="filepath", label="control image (a mask or edge map, white on black)",
+                                       height=160, sources=["upload"], image_mode=None)
+                    control_kind = gr.Textbox(label="its kind (mask, edge, ...; blank: the only T2I-Adapter)")
             prompt_note = gr.Markdown()
             with gr.Accordion("Words the toy model knows", open=False,
                               visible=studio.default_model["model"] == TOY_MODEL) as vocabulary:
@@ -884,7 +900,8 @@ def _sample_tab(studio: Studio, model_state: gr.State, tab: gr.Tab) -> tuple[gr.
     add.click(studio.add_artifact, [model_state, stack, layout, choice], [stack, layout, added], api_name="add_artifact")
     upload.upload(studio.upload_artifact, [model_state, stack, layout, upload], [stack, layout, added, choice],
                   api_name="upload_artifact")
-    sample_inputs = [model_state, stack, prompts, negative, seeds, steps, guidance, scheduler, width, height, image_prompt]
+    sample_inputs = [model_state, stack, prompts, negative, seeds, steps, guidance, scheduler, width, height, image_prompt,
+                     control, control_kind]
     go.click(studio.sample, sample_inputs, [gallery, command, info, download], api_name="sample")
     for box in (prompts, negative, seeds):  # Enter samples (Shift+Enter in the many-line prompts box)
         box.submit(studio.sample, sample_inputs, [gallery, command, info, download], api_visibility="private")

@@ -18,7 +18,7 @@ import re
 import shutil
 from pathlib import Path
 
-from studio.data import IMAGE_SUFFIXES, check_image
+from studio.data import CONDITIONS_FOLDER, IMAGE_SUFFIXES, check_image
 from studio.errors import StudioError
 
 MAX_CAPTION_BYTES = 64 * 2**10
@@ -74,9 +74,12 @@ def check_dataset(files: list[str | Path], upload_root: str | Path) -> list[tupl
     return checked
 
 
+CONDITION_MARK = "-condition"  # an uploaded `x-condition.png` is the control image of `x.png` (T2I-Adapter)
+
+
 def copy_dataset(checked: list[tuple[Path, str]], dest: str | Path) -> dict:
     """Copy a checked upload (what `check_dataset` returned) into `dest` as a kohya-style folder
-    (`x.png` + `x.txt`). Returns counts.
+    (`x.png` + `x.txt`; a control image `x-condition.png` goes to `conditions/x.png`). Returns counts.
 
     Example:
         >>> copy_dataset(check_dataset(files, "/data/tmp"), "/data/jobs/1/data")  # doctest: +SKIP
@@ -84,10 +87,17 @@ def copy_dataset(checked: list[tuple[Path, str]], dest: str | Path) -> dict:
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    conditions = 0
     for path, name in checked:
-        shutil.copyfile(path, dest / name)
+        stem, suffix = Path(name).stem, Path(name).suffix
+        if stem.endswith(CONDITION_MARK) and suffix.lower() in IMAGE_SUFFIXES:
+            (dest / CONDITIONS_FOLDER).mkdir(exist_ok=True)
+            shutil.copyfile(path, dest / CONDITIONS_FOLDER / f"{stem[:-len(CONDITION_MARK)]}{suffix}")
+            conditions += 1
+        else:
+            shutil.copyfile(path, dest / name)
     captions = sum(1 for _, name in checked if name.lower().endswith(".txt"))
-    return {"images": len(checked) - captions, "captions": captions}
+    return {"images": len(checked) - captions - conditions, "captions": captions, "conditions": conditions}
 
 
 def check_artifact(path: str | Path, model: str, model_config: str | None = None):
