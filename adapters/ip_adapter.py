@@ -235,6 +235,6 @@ class IPAdapterAttachment:
         self._restore()
 
 
-def attach(pipe, tensors: dict[str, torch.Tensor], path: Path, scale: float) -> IPAdapterAttachment:
+def attach(pipe, tensors: dict[str, torch.Tensor], path: Path, scale: float, name: str) -> IPAdapterAttachment:
     """Put an IP-Adapter file (ours or the official release's layout) on `pipe` at `scale`."""
     return IPAdapterAttachment(pipe, tensors, path, scale)

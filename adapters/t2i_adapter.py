@@ -242,8 +242,9 @@ def fit_control(image: Image.Image, width: int, height: int, what: str = "contro
     inner = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     canvas = Image.new(image.mode, (width, height), 0)
     canvas.paste(image.resize(inner, Image.LANCZOS), ((width - inner[0]) // 2, (height - inner[1]) // 2))
-    warnings.warn(f"{what} is {image.width}x{image.height}; fitted into {width}x{height} with its aspect kept "
-                  f"({inner[0]}x{inner[1]}, padded with black)", stacklevel=2)
+    padded = f" ({inner[0]}x{inner[1]}, padded with black)" if inner != (width, height) else ""
+    warnings.warn(f"{what} is {image.width}x{image.height}; fitted into {width}x{height} with its aspect kept{padded}",
+                  stacklevel=2)
     return canvas
 
 
@@ -370,7 +371,7 @@ def pick_control(pipe, attachment: T2IAdapterAttachment, controls: list[tuple[Im
     raise StudioError(f"the {attachment.condition or 'applied'} T2I-Adapter needs a control image: pass --control IMG:{label}")
 
 
-def attach(pipe, tensors: dict[str, torch.Tensor], path: Path, scale: float) -> T2IAdapterAttachment:
+def attach(pipe, tensors: dict[str, torch.Tensor], path: Path, scale: float, name: str) -> T2IAdapterAttachment:
     """Put a T2I-Adapter (our folder, or an official release's) on `pipe` at `scale`."""
     from studio.artifact import read_header
 

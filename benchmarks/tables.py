@@ -133,3 +133,7 @@ if __name__ == "__main__":
     print(train_step_table())
     print()
     print(adapters_table())
+    print()
+    print(t2i_table())
+    print()
+    print(res_table())

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -216,7 +217,6 @@ def cmd_bench_train_step(args: argparse.Namespace) -> int:
 def add_config_flag(parser: argparse.ArgumentParser, f, hint, help_prefix: str = "") -> None:
     """One config field as a flag: a bool as a switch (--NAME / --no-NAME), anything else takes a value
     (converted and range-checked by `config_from_options`, so every entry point refuses alike)."""
-    import dataclasses
 
     from studio.options import RANGE_KEY, allowed, flag
     from studio.trainers.base import UNSET_MEANS
@@ -232,7 +232,6 @@ def add_config_flag(parser: argparse.ArgumentParser, f, hint, help_prefix: str =
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
     """Every `TrainConfig` field and every registered method's option as a flag; default None = not given."""
-    import dataclasses
     import typing
 
     from studio import registry
@@ -243,19 +242,25 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.name not in ("method_options", "model"):
             add_config_flag(parser, f, hints[f.name])
-    seen = set()
+    owners: dict[str, list] = {}  # option name -> the methods that have it (LoRA and ResAdapter share --rank)
     for method in registry.METHODS.values():
-        config_cls = method.config_class
-        method_hints = typing.get_type_hints(config_cls)
-        for f in dataclasses.fields(config_cls):
-            if f.name not in seen:
-                seen.add(f.name)
-                add_config_flag(parser, f, method_hints[f.name], help_prefix=f"{method.name} option: ")
+        for f in dataclasses.fields(method.config_class):
+            owners.setdefault(f.name, []).append((method, f))
+    for name, owned in owners.items():
+        method, f = owned[0]
+        others = "".join(f" ({m.name}'s default: {_default_text(g)})" for m, g in owned[1:] if _default_text(g) != _default_text(f))
+        names = ", ".join(m.name for m, _ in owned)
+        add_config_flag(parser, f, typing.get_type_hints(method.config_class)[name], help_prefix=f"{names} option{others}: ")
+
+
+def _default_text(f) -> str:
+    """A config field's default as the help shows it."""
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return repr(default)
 
 
 def train_config_from_args(args: argparse.Namespace):
     """Defaults < the TOML file < flags given on the command line."""
-    import dataclasses
     import tomllib
 
     from studio import registry
@@ -476,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="also write the JSON to this file")
     p.set_defaults(func=cmd_bench_personalize)
     p = bench.add_parser("adapters", help="image-prompt and structure adapters on the toy model: ip_match, ip_text_compat, ...")
-    p.add_argument("--adapters", nargs="+", default=None, choices=["ip-adapter", "t2i-adapter"], help="default: all")
+    p.add_argument("--adapters", nargs="+", default=None, choices=["ip-adapter", "t2i-adapter", "res-adapter"], help="default: all")
     p.add_argument("--references", type=int, default=128,
                    help="reference scenes (image prompts, control images), one sample each per setting")
     p.add_argument("--max-train-steps", type=int, default=None, help="override the recipe's step budget")

@@ -19,7 +19,8 @@ A control image (T2I-Adapter's condition: a mask, an edge map) of `X/img.jpg` is
 a folder named `conditions` are never training images. A ShapesWorld spec with
 `condition=mask` or `condition=edge` derives it from each render (the object's
 mask, or its 1-pixel outline), and `place=random` puts each object anywhere on
-the canvas instead of at one of the five named positions.
+the canvas instead of at one of the five named positions. `sizes=24|48|64x32` renders the examples at these sizes in turn (N or WxH
+pixels; the object scales with the canvas) instead of at the training resolution.
 
 Images are sorted into aspect-ratio buckets of about `resolution`^2 pixels
 (sides multiples of `multiple`); each image is resized and centre-cropped to
@@ -85,13 +86,20 @@ def load_dataset(
     trigger: str | None = None,
     repeats: int = 1,
     multiple: int = 8,
+    keep_sizes: bool = False,
 ) -> Dataset:
-    """A folder path or a `shapesworld:` spec -> a bucketed `Dataset`."""
+    """A folder path or a `shapesworld:` spec -> a bucketed `Dataset`. With `keep_sizes` (a method that learns
+    resolutions: ResAdapter) each image keeps its own size, centre-cropped to sides that are multiples of
+    `multiple`, instead of being fitted to about `resolution`^2 pixels."""
     if spec.startswith(SHAPESWORLD_PREFIX):
         examples, skipped = shapesworld_examples(spec[len(SHAPESWORLD_PREFIX):], resolution), []
     else:
         examples, skipped = folder_examples(Path(spec), default_caption, trigger, repeats)
-    buckets = [bucket_for(ex.image.size, resolution, multiple) for ex in examples]
+    if keep_sizes:
+        buckets = [(max(multiple, ex.image.width // multiple * multiple), max(multiple, ex.image.height // multiple * multiple))
+                   for ex in examples]
+    else:
+        buckets = [bucket_for(ex.image.size, resolution, multiple) for ex in examples]
     examples = [Example(fit_to_bucket(ex.image, b), ex.caption, ex.source,
                         fit_to_bucket(ex.condition, b) if ex.condition is not None else None)
                 for ex, b in zip(examples, buckets)]
@@ -212,7 +220,7 @@ def parse_shapesworld_spec(spec: str) -> dict:
     from studio.toy.render import COLORS, SEEN_SHAPES, SHAPES
 
     options = {"shape": "star", "count": "8", "colors": "|".join(COLORS), "caption": "a {color} {shape}", "seed": "0",
-               "condition": "", "place": "named"}
+               "condition": "", "place": "named", "sizes": ""}
     for part in filter(None, spec.split(",")):
         key, sep, value = part.partition("=")
         if not sep or key.strip() not in options:
@@ -236,9 +244,27 @@ def parse_shapesworld_spec(spec: str) -> dict:
     if options["place"] == "random" and re.search(r"\{(position|caption)\}", options["caption"]):
         raise StudioError("a ShapesWorld caption with {position} or {caption} names the object's position, which "
                           "place=random does not have; write the caption without it (e.g. 'a {color} {shape}')")
+    sizes = [parse_size(size) for size in options["sizes"].split("|")] if options["sizes"] else []
     if not options["seed"].isdigit():
         raise StudioError(f"ShapesWorld seed must be a whole number (got {options['seed']!r})")
-    return {**options, "count": int(options["count"]), "shapes": shapes, "colors": colors, "seed": int(options["seed"])}
+    return {**options, "count": int(options["count"]), "shapes": shapes, "colors": colors, "seed": int(options["seed"]),
+            "sizes": sizes}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """`48` or `64x32` (width x height) -> (width, height), each from 8 to 1024 pixels.
+
+    Example:
+        >>> parse_size("64x32"), parse_size("48")
+        ((64, 32), (48, 48))
+    """
+    width, _, height = text.strip().partition("x")
+    if not width.isdigit() or not (height or width).isdigit():
+        raise StudioError(f"ShapesWorld size {text!r}: write N or WxH in pixels (e.g. 48 or 64x32)")
+    size = (int(width), int(height or width))
+    if not all(8 <= side <= 1024 for side in size):
+        raise StudioError(f"ShapesWorld size {text!r}: each side must be 8 to 1024 pixels")
+    return size
 
 
 def shapesworld_examples(spec: str, resolution: int) -> list[Example]:
@@ -258,7 +284,8 @@ def shapesworld_examples(spec: str, resolution: int) -> list[Example]:
             dx, dy = rng.uniform(-RANDOM_PLACE_RANGE, RANDOM_PLACE_RANGE, size=2)
             jitter = (float(dx), float(dy), jitter[2])
         spec_i = ShapeSpec(shape, color, base.texture, base.background, base.size, base.position)
-        drawn = render(spec_i, resolution, resolution, jitter)
+        width, height = options["sizes"][i % len(options["sizes"])] if options["sizes"] else (resolution, resolution)
+        drawn = render(spec_i, width, height, jitter)
         caption = options["caption"].format(
             color=color, shape=shape, texture=spec_i.texture, position=spec_i.position,
             background=spec_i.background, caption=canonical_caption(spec_i),

@@ -299,12 +299,22 @@ def apply(pipe, path: str | Path, scale: float = 1.0, name: str | None = None) -
     tensors = load_file(str(path))
     if any(hook.original is not None for _, hook in _hooked_layers(pipe)):
         raise StudioError("unfuse the pipeline (studio.plugin.unfuse) before applying another artifact")
-    if method.attaches != "weights":  # a method of its own kind (attention processors, an added network)
+    if method.attaches != "weights":  # a method of its own kind (attention processors, an added network, norms)
         check_fingerprint(header.fingerprint, pipe.unet, path)
-        attachment = method.adapter.attach(pipe, tensors, path, scale)
+        attachment = method.adapter.attach(pipe, tensors, path, scale, name)
         attachment.method = method.name
-        _registry(pipe)[name] = attachment
-        return name
+    else:
+        attachment = attach_weights(pipe, name, method, header.config, header.fingerprint, tensors, scale, path)
+    _registry(pipe)[name] = attachment
+    return name
+
+
+def attach_weights(pipe, name: str, method: registry.Method, config: dict, base_fingerprint: dict,
+                   tensors: dict[str, torch.Tensor], scale: float, path: Path) -> WeightAttachment:
+    """Hook the per-layer weight transforms of `tensors` (a `method` file's, with its `config`) onto `pipe`'s layers
+    under `name`: the default kind's attaching, also used by a method that carries weight transforms beside its
+    own kind (ResAdapter's sampler LoRA). Everything is checked before the first layer changes; a failure while
+    attaching undoes what was attached."""
     # 1. Check everything: per pipeline part its layers, each a Linear/Conv2d (maybe under a stock LoRA).
     layers = []  # (part, model, layer path, plain layer, params)
     for part, prefix in components(method.adapter).items():
@@ -315,7 +325,7 @@ def apply(pipe, path: str | Path, scale: float = 1.0, name: str | None = None) -
         if model is None:
             raise StudioError(f"{path} changes {part}, which this pipeline ({type(pipe).__name__}) does not have; "
                               "load the kind of model it was made for (a file with text_encoder_2 is for SDXL)")
-        expected = header.fingerprint if part == "unet" else header.fingerprint.get(part, {})
+        expected = base_fingerprint if part == "unet" else base_fingerprint.get(part, {})
         check_fingerprint(expected, model, path)
         if name in _stock_names(model):
             raise StudioError(f"a stock adapter named {name!r} is loaded on {part} (diffusers' load_lora_weights); "
@@ -332,7 +342,7 @@ def apply(pipe, path: str | Path, scale: float = 1.0, name: str | None = None) -
     if not layers:
         raise StudioError(f"{path}: {NO_TENSORS}")
     # 2. Attach; undo on any failure, so the pipeline is either changed as a whole or not at all.
-    attachment = _registry(pipe)[name] = WeightAttachment(pipe, name, method.name)
+    attachment = WeightAttachment(pipe, name, method.name)
     try:
         for part, model, layer_path, layer, params in layers:
             hook = _hook(layer)
@@ -343,14 +353,13 @@ def apply(pipe, path: str | Path, scale: float = 1.0, name: str | None = None) -
             on_device = {k: v.to(device) if k.endswith("indices") else v.to(device, dtype) for k, v in params.items()}
             stock = hook.stock(layer)
             below = frozenset(stock.lora_A) if stock is not None else frozenset()
-            hook.stack[name] = _Stacked(header.method, on_device, header.config, scale, below=below)
+            hook.stack[name] = _Stacked(method.name, on_device, config, scale, below=below)
             hook.invalidate()
             attachment.touched.append((part, layer_path))
     except BaseException:
         attachment.remove()
-        del _registry(pipe)[name]
         raise
-    return name
+    return attachment
 
 
 def _unique_name(stem: str, taken) -> str:

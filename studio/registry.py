@@ -88,6 +88,9 @@ METHODS: dict[str, Method] = {
         Method("t2i-adapter", "adapter", "control image (mask, edges) through a small network adding features to the UNet's down blocks",
                toy_learning_rate=1e-3, trainer_class="studio.trainers.t2i_adapter:T2IAdapterTrainer",
                attaches="added network", inputs=("control",)),
+        Method("res-adapter", "adapter", "other resolutions and aspects: LoRA on the samplers + the ResNet norms",
+               toy_learning_rate=1e-3, trainer_class="studio.trainers.res_adapter:ResAdapterTrainer",
+               attaches="norms and sampler LoRA"),
     ]
 }
 

@@ -117,12 +117,13 @@ def test_every_registered_method_trains_from_its_generated_form(studio_server):
     url, root = studio_server
     client = Client(url, verbose=False)
     changed = {"lora": ("rank", 2), "oft": ("block size", 8), "boft": ("block size", 4), "sara": ("fraction", 0.2),
-               "ip-adapter": ("drop rate", 0.1)}
+               "ip-adapter": ("drop rate", 0.1), "t2i-adapter": ("condition", "edge"), "res-adapter": ("rank", 2)}
+    data = {"t2i-adapter": "shapesworld:shape=star,count=2,condition=edge", "res-adapter": "shapesworld:shape=star,count=2,sizes=24|32"}
     assert set(changed) == {m.name for m in registry.METHODS.values() if m.kind == "adapter"}
     jobs = {}
     for method, (label, value) in changed.items():
         values = form_values(client, "/start_train", method=method,
-                             **{"ShapesWorld spec": "shapesworld:shape=star,count=2", "max train steps": 2,
+                             **{"ShapesWorld spec": data.get(method, "shapesworld:shape=star,count=2"), "max train steps": 2,
                                 "train batch size": 1})
         # Method options share labels (several have "block size"); set the one in this method's group.
         params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/start_train"]["parameters"]
@@ -135,7 +136,8 @@ def test_every_registered_method_trains_from_its_generated_form(studio_server):
     for method, job_id in jobs.items():
         status, *_, log = watch(client, job_id)
         assert "**done**" in status, log
-        header = read_header(root / "data" / "jobs" / job_id / "out" / f"{method}.safetensors")
+        out = root / "data" / "jobs" / job_id / "out"
+        header = read_header(out / method if (out / method).is_dir() else out / f"{method}.safetensors")
         key, value = changed[method]
         assert header.method == method and header.config[key.replace(" ", "_")] == value
 

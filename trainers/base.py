@@ -400,6 +400,7 @@ class MethodTrainer:
 
     weight_decay = 0.0  # orthogonal and low-rank methods use none: decay would pull R to I / B A to 0
     uses_prior_data = True  # its loss adds the --prior-data set's (refused where it would be ignored)
+    keeps_image_sizes = False  # True: every image trains at its own size (ResAdapter), not fitted to --resolution
 
     def __init__(self, method: registry.Method) -> None:
         self.method = method
@@ -506,7 +507,7 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
     # 2. The data, encoded once (the wrapped layers are the identity until they train).
     resolution = config.resolution or default_size(pipe)[0]
     dataset = load_dataset(config.data, resolution, config.default_caption, config.trigger, config.repeats,
-                           multiple=pipe.vae_scale_factor * 2)
+                           multiple=pipe.vae_scale_factor * 2, keep_sizes=trainer.keeps_image_sizes)
     cache_dir = Path(config.cache_dir) if config.cache_dir else output_dir / "cache"
     config = with_defaults(config, dataset.examples[0].caption)
     cached = [cache_examples(pipe, dataset, cache_dir, config.model)]

@@ -44,6 +44,8 @@ SHAPESWORLD_PRESETS = {
                                                           "caption=a {color} {texture} {shape} on a {background} background",
     "shapes anywhere + edges (T2I-Adapter), 1000 renders": "shapesworld:shape=seen,count=1000,condition=edge,place=random,"
                                                           "caption=a {color} {texture} {shape} on a {background} background",
+    "many sizes and aspects (ResAdapter), 1200 renders": "shapesworld:shape=seen,count=1200,caption={caption},"
+                                                         "sizes=16|24|32|40|48|56|64|24x48|48x24|32x64|64x32|32x48|48x32|40x64|64x40",
 }
 
 
@@ -384,15 +386,15 @@ class Studio:
         gallery = []
         for folder in sorted((job.out / "validation").glob("step-*"), key=lambda p: int(p.name[5:]))[-2:]:
             gallery += [(str(p), folder.name) for p in sorted(folder.glob("*.png"))]
-        artifacts = sorted(job.out.glob("*.safetensors"))
-        artifact = str(artifacts[0]) if job.status == DONE and artifacts else None
+        artifacts = job_artifacts(job.out)
+        artifact = str(downloadable(artifacts[0])) if job.status == DONE and artifacts else None
         return self.status_line(job_id), progress, frame, gallery, artifact, self.queue.log_tail(job_id, 8), job.command
 
     # -- Compose & Sample ---------------------------------------------------------------
 
     def artifact_choices(self) -> list[tuple[str, str]]:
         """Artifacts of finished jobs and uploaded ones, newest first."""
-        paths = [p for job in self.queue.list() if job.status == DONE for p in sorted(job.out.glob("*.safetensors"))]
+        paths = [p for job in self.queue.list() if job.status == DONE for p in job_artifacts(job.out)]
         paths += sorted(self.artifact_dir.rglob("*.safetensors"))
         return [(self.artifact_label(p), str(p)) for p in paths]
 
@@ -413,7 +415,7 @@ class Studio:
             return f"uploaded · {method} · {path.name}"
         job_id = path.relative_to(self.data_dir / "jobs").parts[0]
         parts = [job_id, method]
-        summary_file = path.parent / "summary.json"
+        summary_file = self.data_dir / "jobs" / job_id / "out" / "summary.json"
         if summary_file.is_file():
             summary = json.loads(summary_file.read_text())
             parts += [_data_label(summary["config"]["data"]), f"{summary['steps']} steps"]
@@ -742,6 +744,32 @@ def build_app(data_dir: str | Path, model: str = TOY_MODEL, model_config: str | 
             picker.change(studio.remember, [saved, picker, stack], saved, api_visibility="private")
         stack.change(studio.remember, [saved, job_pickers[-1], stack], saved, api_visibility="private")
     return app
+
+
+def job_artifacts(out: Path) -> list[Path]:
+    """A finished training's artifact files: `<out>/<method>.safetensors`, or a folder's weights
+    (`<out>/<method>/diffusion_pytorch_model.safetensors`: T2I-Adapter, ResAdapter)."""
+    from studio.artifact import FOLDER_WEIGHTS_NAME
+
+    return sorted(out.glob("*.safetensors")) + sorted(out.glob(f"*/{FOLDER_WEIGHTS_NAME}"))
+
+
+def downloadable(artifact: Path) -> Path:
+    """What the Train tab offers to download: the artifact file, or for a folder's weights the whole folder as a
+    zip beside it (its other files belong to it: a T2I-Adapter's config.json, a ResAdapter's LoRA)."""
+    from studio.artifact import FOLDER_WEIGHTS_NAME
+
+    if artifact.name != FOLDER_WEIGHTS_NAME:
+        return artifact
+    folder = artifact.parent
+    archive = folder.with_suffix(".zip")
+    if not archive.is_file():
+        partial = folder.with_suffix(".zip.partial")
+        with zipfile.ZipFile(partial, "w") as bundle:
+            for file in sorted(folder.iterdir()):
+                bundle.write(file, f"{folder.name}/{file.name}")
+        partial.replace(archive)
+    return archive
 
 
 def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State, timer: gr.Timer) -> gr.Dropdown:

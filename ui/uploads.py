@@ -128,8 +128,14 @@ def import_artifact(file: str | Path, upload_root: str | Path, dest: str | Path,
                     model_config: str | None = None):
     """Check an uploaded artifact against `model`, then copy it into the folder `dest`.
     Returns the copy's path and the file's header."""
+    from studio.artifact import FOLDER_WEIGHTS_NAME
+
     path = inside(upload_root, file)
     header = check_artifact(path, model, model_config)
+    if path.name == FOLDER_WEIGHTS_NAME or header.method in ("t2i-adapter", "res-adapter"):
+        raise StudioError(f"a {header.method} artifact is a folder (its weights and the files beside them), not one "
+                          "file; apply the folder from the command line (studio sample --adapter FOLDER), or train it "
+                          "here in the Train tab")
     target = Path(dest) / safe_name(path.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, target)

@@ -24,6 +24,16 @@ the text naming its shape, colour, texture and background and its mask or outlin
   `evaluator_on_references` is the same judgement of the scenes' own renders.
 `params_sd15` / `params_sd15_light`: the full and light adapters on an SD1.5-shaped UNet (the paper: 77M).
 
+ResAdapter (`res_adapter`): trained with `RES_RECIPE` (renders at 15 sizes and aspects), then the base model and
+the model with it draw one image per random scene's text (shape, colour, texture, background) at each of
+`RES_SIZES`. The evaluator judges an aspect-kept view (`native_view`: scaled to the native short side, the
+native-size window holding the object; objects counted over the whole image):
+- `single_object_correct`: share with exactly one object, of the text's shape and colour; per size, for the base
+  model (`base`) and with the adapter, beside `evaluator_on_renders` (the same judge on true renders).
+- `native_agreement`: at the native size, share of seeds where the judge reads the same shape, colour, texture,
+  background and count in the adapter's sample as in the base model's.
+`params_sd15`: the adapter on an SD1.5-shaped UNet (the paper: 0.5M).
+
 Example:
     $ studio bench adapters --json --output benchmarks/results/adapters.json
 """
@@ -307,7 +317,144 @@ def _t2i_adapter(n_refs: int, train_seed: int, steps: int | None, folder: Path) 
     return result
 
 
-BENCHES = {"ip-adapter": ip_adapter, "t2i-adapter": t2i_adapter}
+# ResAdapter: renders at many sizes and aspects (the object scales with the canvas), each trained at its own size.
+RES_RECIPE = {"data": "shapesworld:shape=seen,count=1200,caption={caption},"
+                      "sizes=16|24|32|40|48|56|64|24x48|48x24|32x64|64x32|32x48|48x32|40x64|64x40",
+              "max_train_steps": 3000, "train_batch_size": 16}
+NATIVE = 32  # the toy model's training size
+# One size below native, native, 1.5x and 2x native, and 1:2 and 2:1 (width x height).
+RES_SIZES = ((24, 24), (32, 32), (48, 48), (64, 64), (32, 64), (64, 32))
+MIN_OBJECT_PIXELS = 6  # at the native scale: smaller specks off the background are not objects
+
+
+def components(mask: np.ndarray, min_pixels: int = MIN_OBJECT_PIXELS) -> int:
+    """How many 4-connected groups of at least `min_pixels` pixels a boolean mask holds.
+
+    Example:
+        >>> mask = np.zeros((8, 8), bool); mask[1:4, 1:4] = True; mask[5:8, 5:8] = True; mask[0, 7] = True
+        >>> components(mask)
+        2
+    """
+    seen = np.zeros_like(mask, dtype=bool)
+    count = 0
+    height, width = mask.shape
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        seen[y, x] = True
+        stack, size = [(y, x)], 0
+        while stack:
+            cy, cx = stack.pop()
+            size += 1
+            for ny, nx in ((cy - 1, cx), (cy + 1, cx), (cy, cx - 1), (cy, cx + 1)):
+                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        count += size >= min_pixels
+    return count
+
+
+def native_view(image: Image.Image, native: int = NATIVE) -> tuple[Image.Image, int]:
+    """What the evaluator judges of an image of any size, without squashing it: the image scaled (aspect kept) so
+    its short side is `native`, the native-size square window along its long side centred on the object(s), with
+    the object moved to its middle (`recentred`), and the number of objects in the whole scaled image
+    (`components` of `object_mask`).
+
+    Example:
+        >>> from studio.toy.render import ShapeSpec
+        >>> window, count = native_view(Image.fromarray(render(ShapeSpec("star", "red"), 64, 32).image))
+        >>> window.size, count
+        ((32, 32), 1)
+    """
+    scale = native / min(image.size)
+    scaled = image if scale == 1 else image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
+    mask = object_mask(np.asarray(scaled))
+    horizontal = scaled.width >= scaled.height
+    length = scaled.width if horizontal else scaled.height
+    along = np.nonzero(mask.any(axis=0 if horizontal else 1))[0]
+    middle = (along.min() + along.max() + 1) / 2 if along.size else length / 2
+    start = int(np.clip(round(middle - native / 2), 0, length - native))
+    box = (start, 0, start + native, native) if horizontal else (0, start, native, start + native)
+    return recentred(scaled.crop(box)), components(mask)
+
+
+def res_adapter(n_refs: int = 128, train_seed: int = 0, steps: int | None = None, work_dir: str | None = None) -> dict:
+    """Train the toy ResAdapter and score it per size against the base model; see the module docstring."""
+    folder = Path(work_dir or tempfile.mkdtemp(prefix="studio-bench-res-"))
+    try:
+        return _res_adapter(n_refs, train_seed, steps, folder)
+    finally:
+        if work_dir is None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _res_adapter(n_refs: int, train_seed: int, steps: int | None, folder: Path) -> dict:
+    from studio.toy.captions import caption_from_parts
+    from studio.trainers.base import TrainConfig, train
+
+    evaluator = load_evaluator()
+    pipe = load("toy")
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(REFERENCE_SEED + 3)
+    specs = [random_spec(rng) for _ in range(n_refs)]
+    prompts = [caption_from_parts(s.shape, s.color, s.texture, background=s.background) for s in specs]
+    expected = [{"shape": s.shape, "color": s.color} for s in specs]
+
+    def judged(images) -> tuple[list[bool], list[tuple]]:
+        views = [native_view(image) for image in images]
+        rows = score([window for window, _ in views], expected, evaluator).rows
+        correct = [count == 1 and r["shape_ok"] and r["color_ok"] for (_, count), r in zip(views, rows)]
+        return correct, [(r["shape"], r["color"], r["texture"], r["background"], count) for (_, count), r in zip(views, rows)]
+
+    def draw(width: int, height: int) -> list:
+        return pipe(prompts, width=width, height=height, num_inference_steps=SAMPLE_STEPS, guidance_scale=GUIDANCE,
+                    generator=[torch.Generator().manual_seed(i) for i in range(n_refs)]).images
+
+    result: dict = {"sizes": {}}
+    for width, height in RES_SIZES:  # the judge itself on true renders of each size
+        renders = [Image.fromarray(render(spec, width, height).image) for spec in specs]
+        result["sizes"][f"{width}x{height}"] = {"evaluator_on_renders": _share(judged(renders)[0])}
+    base_native = None
+    for width, height in RES_SIZES:
+        correct, seen = judged(draw(width, height))
+        result["sizes"][f"{width}x{height}"]["base"] = _share(correct)
+        base_native = seen if (width, height) == (NATIVE, NATIVE) else base_native
+    started = time.time()
+    recipe = {**RES_RECIPE, **({"max_train_steps": steps} if steps else {})}
+    trained = train(TrainConfig(method="res-adapter", output_dir=str(folder / "res-adapter"), seed=train_seed,
+                                validation_steps=0, **recipe))
+    train_seconds = time.time() - started
+    plugin.apply(pipe, trained.artifact)
+    for width, height in RES_SIZES:
+        correct, seen = judged(draw(width, height))
+        result["sizes"][f"{width}x{height}"]["single_object_correct"] = _share(correct)
+        if (width, height) == (NATIVE, NATIVE):
+            result["native_agreement"] = _share([a == b for a, b in zip(seen, base_native)])
+    worst = min(result["sizes"], key=lambda size: result["sizes"][size]["single_object_correct"]["value"])
+    result.update({
+        "worst_size": worst, "worst_single_object_correct": result["sizes"][worst]["single_object_correct"]["value"],
+        "goals": {"single_object_correct at every size": ">= 0.85", "native_agreement": ">= 0.95"},
+        "references": n_refs, "recipe": recipe, "train_seed": train_seed, "train_seconds": round(train_seconds, 1),
+        "params_toy": trained.trainable_params,
+        "params_sd15": _sd15_count(res_adapter_parameter_count), "params_paper": "0.5M (SD1.5 release: 0.9M)",
+    })
+    return result
+
+
+def res_adapter_parameter_count(unet) -> int:
+    """ResAdapter's parameters on `unet`: the sampler LoRA (rank 16) and the ResNet norms' weights and biases."""
+    from studio.adapters.res_adapter import SAMPLER_TARGETS, ResAdapterConfig, norm_names
+    from studio.targets import find_targets
+
+    rank = ResAdapterConfig().rank
+    lora = 0
+    for name in find_targets(unet, SAMPLER_TARGETS):
+        conv = unet.get_submodule(name)
+        lora += rank * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + conv.out_channels * rank
+    return lora + sum(2 * unet.get_submodule(name).num_channels for name in norm_names(unet))
+
+
+BENCHES = {"ip-adapter": ip_adapter, "t2i-adapter": t2i_adapter, "res-adapter": res_adapter}
 
 
 def adapters(names: list[str] | None = None, n_refs: int = 128, steps: int | None = None, work_dir: str | None = None,
