@@ -166,3 +166,27 @@ def test_adapters_bench_runs_and_cleans_up(tmp_path, monkeypatch):
     assert result["best_scale"] in IP_SCALES and result["references"] == 2
     assert 21e6 < result["params_sd15"] < 23e6
     assert list(tmp_path.iterdir()) == []
+
+
+def test_structure_and_resolution_adapter_benches_run(tmp_path, monkeypatch):
+    """Tiny T2I-Adapter and ResAdapter bench runs: every metric a share (IoU in [0, 1]), each per kind / size, the
+    judges checked on true renders, the SD1.5 counts near the papers' (T2I full 77M; ResAdapter under 1M)."""
+    import tempfile
+
+    from studio.bench.adapters import RES_SIZES, T2I_KINDS, adapters
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    result = adapters(["t2i-adapter", "res-adapter"], n_refs=3, steps=2)
+    t2i, res = result["t2i-adapter"], result["res-adapter"]
+    assert set(t2i["kinds"]) == set(T2I_KINDS)
+    for scores in [t2i["base"], *t2i["kinds"].values()]:
+        for metric in ("t2i_iou", "t2i_text_acc"):
+            assert 0 <= scores[metric]["ci"][0] <= scores[metric]["value"] <= scores[metric]["ci"][1] <= 1
+    assert 0.5 < t2i["iou_ceiling_1px_shift"] < 1 and t2i["segmentation_check"] > 0.8
+    assert 70e6 < t2i["params_sd15"] < 85e6 and t2i["params_sd15_light"] < t2i["params_sd15"]
+    assert set(res["sizes"]) == {f"{w}x{h}" for w, h in RES_SIZES}
+    for per_size in res["sizes"].values():
+        assert {"base", "single_object_correct", "evaluator_on_renders"} <= set(per_size)
+    assert 0 <= res["native_agreement"]["value"] <= 1 and res["worst_size"] in res["sizes"]
+    assert 0.3e6 < res["params_sd15"] < 1.2e6
+    assert list(tmp_path.iterdir()) == []

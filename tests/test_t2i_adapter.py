@@ -3,6 +3,7 @@ loads, applied by our plugin through a UNet pre-hook that computes what the stoc
 
 import json
 import re
+import shutil
 import warnings
 
 import numpy as np
@@ -264,3 +265,29 @@ def test_prior_data_is_refused_not_ignored(tmp_path, capsys):
                  "shapesworld:count=2", "--max-train-steps", "1", "--output-dir", str(tmp_path / "out")])
     assert code == 2
     assert "--prior-data is not used by --method t2i-adapter" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("LA", "has 2 channels (LA)"),
+    ("colour", "is in colour, but this T2I-Adapter reads a one-channel image"),
+])
+def test_page_refuses_bad_control_images(tmp_path, trained, mode, message):
+    """The page checks a control image as the CLI does (through the same command check), before any job exists."""
+    import gradio as gr
+
+    from studio.ui.app import Studio
+
+    studio_app = Studio(tmp_path / "studio", workers=0)
+    studio_app.upload_dir.mkdir(parents=True, exist_ok=True)
+    upload = studio_app.upload_dir / "control.png"
+    if mode == "LA":
+        Image.new("LA", (32, 32)).save(upload)
+    else:
+        Image.fromarray(render(ShapeSpec("circle", "red"), 32, 32).image).save(upload)
+    folder = studio_app.data_dir / "t2i" / "t2i-adapter"
+    shutil.copytree(trained.artifact.parent, folder)
+    stack = [{"path": str(folder / trained.artifact.name), "name": "t2i-adapter", "scale": 1.0, "enabled": True}]
+    with pytest.raises(gr.Error, match=re.escape(message)):
+        studio_app.sample(studio_app.default_model, stack, "a red circle", "", "0", 2, 5.0, "model default", 0, 0, None,
+                          str(upload), "mask")
+    assert studio_app.queue.list() == []

@@ -5,7 +5,8 @@ The network is not a pipeline component: `attach` builds it beside the pipeline 
 as the part "adapter") and puts a `ControlHook` on the UNet, through which every step's features go in, as
 they do on a stock pipeline with our plugin. Timesteps are t = (1 - u^3) T for uniform u (diffusers'
 train_t2i_adapter_sdxl.py): the structure of an image is decided in the early, noisy steps, where the control
-matters most. The artifact is a `save_pretrained` folder, `<output_dir>/t2i-adapter/`.
+matters most. The artifact is a `save_pretrained` folder, `<output_dir>/t2i-adapter/`; beside it
+`control-example.png`, the first training example's control image, to sample with.
 
 Example:
     >>> from studio import registry
@@ -24,6 +25,9 @@ from studio.artifact import FOLDER_WEIGHTS_NAME
 from studio.data import SHAPESWORLD_PREFIX, parse_shapesworld_spec
 from studio.errors import StudioError
 from studio.trainers.base import Loop, MethodTrainer, denoising_loss, draw_batch
+
+
+CONTROL_EXAMPLE = "control-example.png"  # the first training example's control image, written beside the artifact
 
 
 def cubic_timesteps(n: int, total: int, generator: torch.Generator) -> torch.Tensor:
@@ -76,6 +80,10 @@ class T2IAdapterTrainer(MethodTrainer):
         if missing:
             raise StudioError(f"--method t2i-adapter needs a control image for every training image; {len(missing)} have "
                               f"none (first: {missing[0]}); put each one's {condition} at conditions/<image name>.png beside it")
+        if loop.accelerator.is_main_process:  # a control image to try the artifact with: `studio sample --control`
+            output_dir = Path(loop.config.output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            examples[0].condition.save(output_dir / CONTROL_EXAMPLE)
         color = loop.method_config.color
         self.conditions = [self.adapter.control_tensor([self.adapter.control_pixels(example.condition, color, example.source)])
                            for example in examples]
