@@ -127,6 +127,51 @@ def adapters_table() -> str:
     return "\n".join(out).rstrip()
 
 
+def t2i_table() -> str:
+    """T2I-Adapter's t2i_iou and t2i_text_acc per condition kind, beside the base model and the IoU ceiling."""
+    t2i = json.loads((RESULTS / "adapters.json").read_text()).get("t2i-adapter")
+    if not t2i:
+        return ""
+    out = ["| condition | t2i_iou [95% CI] | t2i_text_acc [95% CI] |", "|---|---|---|"]
+    for kind, r in t2i["kinds"].items():
+        out.append(f"| {kind} | {_with_ci(r['t2i_iou']['value'], r['t2i_iou']['ci'])} | "
+                   f"{_with_ci(r['t2i_text_acc']['value'], r['t2i_text_acc']['ci'])} |")
+    base = t2i["base"]
+    out.append(f"| (toy model, no adapter) | {_with_ci(base['t2i_iou']['value'], base['t2i_iou']['ci'])} | "
+               f"{_with_ci(base['t2i_text_acc']['value'], base['t2i_text_acc']['ci'])} |")
+    out.append(f"| (a mask against itself moved 1 px) | {t2i['iou_ceiling_1px_shift']:.2f} | — |")
+    out.append("")
+    minutes = sum(r["train_seconds"] for r in t2i["kinds"].values()) / 60
+    out.append(f"{t2i['references']} control scenes, one sample each; goals: t2i_iou ≥ 0.70, t2i_text_acc ≥ 0.85. The judge "
+               f"on the scenes' own renders: text_acc {t2i['evaluator_on_references']['value']:.2f}; its object masks against "
+               f"the true masks: IoU {t2i['segmentation_check']:.2f}. Recipe: {t2i['recipe']['max_train_steps']} steps, batch "
+               f"{t2i['recipe']['train_batch_size']} per kind ({minutes:.0f} min for both on one CPU thread, with sampling). "
+               f"Parameters: {t2i['params_toy']:,} on the toy UNet; on an SD1.5-shaped UNet {t2i['params_sd15'] / 1e6:.1f}M "
+               f"(full) and {t2i['params_sd15_light'] / 1e6:.1f}M (light); the paper: {t2i['params_paper']}.")
+    return "\n".join(out)
+
+
+def res_table() -> str:
+    """ResAdapter's single_object_correct per size, the base model against the adapter, and native_agreement."""
+    res = json.loads((RESULTS / "adapters.json").read_text()).get("res-adapter")
+    if not res:
+        return ""
+    out = ["| size (w×h) | base model [95% CI] | with ResAdapter [95% CI] | judge on true renders |", "|---|---|---|---|"]
+    for size, r in res["sizes"].items():
+        out.append(f"| {size} | {_with_ci(r['base']['value'], r['base']['ci'])} | "
+                   f"{_with_ci(r['single_object_correct']['value'], r['single_object_correct']['ci'])} | "
+                   f"{r['evaluator_on_renders']['value']:.2f} |")
+    agreement = res["native_agreement"]
+    out.append("")
+    out.append(f"single_object_correct over {res['references']} texts, one sample each per size; goal ≥ 0.85 at every size "
+               f"(worst: {res['worst_size']}, {res['worst_single_object_correct']:.2f}). native_agreement at 32×32: "
+               f"{_with_ci(agreement['value'], agreement['ci'])} (goal ≥ 0.95). Recipe: {res['recipe']['max_train_steps']} "
+               f"steps, batch {res['recipe']['train_batch_size']}, learning rate {res['recipe']['learning_rate']:g} "
+               f"({res['train_seconds'] / 60:.0f} min on one CPU thread). Parameters: {res['params_toy']:,} on the toy UNet, "
+               f"{res['params_sd15'] / 1e6:.2f}M on an SD1.5-shaped UNet (the paper: {res['params_paper']}).")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     print(personalize_table())
     print()

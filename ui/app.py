@@ -522,6 +522,10 @@ class Studio:
             for name in [item["file"] for item in record["images"]] + ["grid.png", "settings.json"]:
                 bundle.write(job.out / name, name)
         note = self.prompt_note(model_state, stack, prompts, negative)
+        # What the job warned about its inputs (a control image fitted in with its aspect kept), said here too.
+        fitted = sorted({line.split("UserWarning: ", 1)[1].strip() for line in self.queue.log_tail(job.id, 200).splitlines()
+                         if "UserWarning: " in line and "aspect kept" in line})
+        note = "\n\n".join([f"⚠ {line}" for line in fitted] + ([note] if note else []))
         info = f"{len(images)} images · job {job.id}" + (f"\n\n{note}" if note else "")
         return images, job.command, info, gr.update(value=str(archive), visible=True)
 
