@@ -350,9 +350,9 @@ class T2IAdapterAttachment:
 def pick_control(pipe, attachment: T2IAdapterAttachment, controls: list[tuple[Image.Image, str | None]]) -> Image.Image:
     """The control image of `attachment` among `controls`: the one labelled with its condition kind, else the one
     without a label. A label that no applied T2I-Adapter reads is refused, as is an ambiguous choice."""
-    from studio.plugin import _registry
+    from studio.plugin import attachments
 
-    kinds = [a.condition for a in _registry(pipe).values() if isinstance(a, T2IAdapterAttachment)]
+    kinds = [a.condition for a in attachments(pipe) if isinstance(a, T2IAdapterAttachment)]
     unread = sorted({kind for _, kind in controls if kind is not None and kind not in kinds})
     if unread:
         raise StudioError(f"--control ...:{unread[0]}: no applied T2I-Adapter reads {unread[0]!r} control images "

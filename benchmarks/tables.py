@@ -156,11 +156,13 @@ def res_table() -> str:
     res = json.loads((RESULTS / "adapters.json").read_text()).get("res-adapter")
     if not res:
         return ""
-    out = ["| size (w×h) | base model [95% CI] | with ResAdapter [95% CI] | judge on true renders |", "|---|---|---|---|"]
+    out = ["| size (w×h) | base model [95% CI] | with ResAdapter [95% CI] | judge on true renders | denoising loss, base → with |",
+           "|---|---|---|---|---|"]
     for size, r in res["sizes"].items():
+        loss = f"{r['base_denoising_loss']:.3f} → {r['denoising_loss']:.3f}" if "denoising_loss" in r else "—"
         out.append(f"| {size} | {_with_ci(r['base']['value'], r['base']['ci'])} | "
                    f"{_with_ci(r['single_object_correct']['value'], r['single_object_correct']['ci'])} | "
-                   f"{r['evaluator_on_renders']['value']:.2f} |")
+                   f"{r['evaluator_on_renders']['value']:.2f} | {loss} |")
     agreement = res["native_agreement"]
     out.append("")
     out.append(f"single_object_correct over {res['references']} texts, one sample each per size; goal ≥ 0.85 at every size "

@@ -501,6 +501,12 @@ def remove(pipe, name: str) -> None:
     del _registry(pipe)[name]
 
 
+def attachments(pipe) -> list:
+    """The applied artifacts' attachments, in the order applied (a method's own kind may need its siblings: the
+    T2I-Adapters share out the control images among themselves)."""
+    return list(_registry(pipe).values())
+
+
 def applied(pipe) -> dict[str, list[str]]:
     """Names of the applied artifacts and the layers each touches, as paths from the pipeline
     ("unet.down_blocks.0...to_q", "text_encoder.encoder.layers.0.self_attn.q_proj")."""

@@ -186,7 +186,7 @@ def test_structure_and_resolution_adapter_benches_run(tmp_path, monkeypatch):
     assert 70e6 < t2i["params_sd15"] < 85e6 and t2i["params_sd15_light"] < t2i["params_sd15"]
     assert set(res["sizes"]) == {f"{w}x{h}" for w, h in RES_SIZES}
     for per_size in res["sizes"].values():
-        assert {"base", "single_object_correct", "evaluator_on_renders"} <= set(per_size)
+        assert {"base", "single_object_correct", "evaluator_on_renders", "denoising_loss", "base_denoising_loss"} <= set(per_size)
     assert 0 <= res["native_agreement"]["value"] <= 1 and res["worst_size"] in res["sizes"]
     assert 0.3e6 < res["params_sd15"] < 1.2e6
     assert list(tmp_path.iterdir()) == []

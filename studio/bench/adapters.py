@@ -33,6 +33,8 @@ native-size window holding the object; objects counted over the whole image):
   model (`base`) and with the adapter, beside `evaluator_on_renders` (the same judge on true renders).
 - `native_agreement`: at the native size, share of seeds where the judge reads the same shape, colour, texture,
   background and count in the adapter's sample as in the base model's.
+- `denoising_loss` / `base_denoising_loss`: the UNet's denoising loss on held-out renders of each size (the same
+  noise and timesteps): whether the adapter fits the other sizes at all, apart from how its samples look.
 `params_sd15`: the adapter on an SD1.5-shaped UNet (the paper: 0.5M).
 
 Example:
@@ -387,6 +389,7 @@ def res_adapter(n_refs: int, train_seed: int, steps: int | None, folder: Path) -
         return pipe(prompts, width=width, height=height, num_inference_steps=SAMPLE_STEPS, guidance_scale=GUIDANCE,
                     generator=[torch.Generator().manual_seed(i) for i in range(n_refs)]).images
 
+    heldout = {size: heldout_renders(pipe, size, n_refs) for size in RES_SIZES}
     result: dict = {"sizes": {}}
     for width, height in RES_SIZES:  # the judge itself on true renders of each size
         renders = [Image.fromarray(render(spec, width, height).image) for spec in specs]
@@ -395,6 +398,7 @@ def res_adapter(n_refs: int, train_seed: int, steps: int | None, folder: Path) -
     for width, height in RES_SIZES:
         correct, seen = judged(draw(width, height))
         result["sizes"][f"{width}x{height}"]["base"] = _share(correct)
+        result["sizes"][f"{width}x{height}"]["base_denoising_loss"] = heldout_loss(pipe, heldout[(width, height)])
         base_native = seen if (width, height) == (NATIVE, NATIVE) else base_native
     started = time.time()
     recipe = {**RES_RECIPE, **({"max_train_steps": steps} if steps else {})}
@@ -405,6 +409,7 @@ def res_adapter(n_refs: int, train_seed: int, steps: int | None, folder: Path) -
     for width, height in RES_SIZES:
         correct, seen = judged(draw(width, height))
         result["sizes"][f"{width}x{height}"]["single_object_correct"] = _share(correct)
+        result["sizes"][f"{width}x{height}"]["denoising_loss"] = heldout_loss(pipe, heldout[(width, height)])
         if (width, height) == (NATIVE, NATIVE):
             result["native_agreement"] = _share([a == b for a, b in zip(seen, base_native)])
     worst = min(result["sizes"], key=lambda size: result["sizes"][size]["single_object_correct"]["value"])
@@ -416,6 +421,33 @@ def res_adapter(n_refs: int, train_seed: int, steps: int | None, folder: Path) -
         "params_sd15": _sd15_count(res_adapter_parameter_count), "params_paper": "0.5M (SD1.5 release: 0.9M)",
     })
     return result
+
+
+def heldout_renders(pipe, size: tuple[int, int], n: int):
+    """`n` fresh renders of `size` (seed 999: not the training data's), encoded once for `heldout_loss`."""
+    from studio.data import load_dataset
+    from studio.trainers.base import cache_examples
+
+    width, height = size
+    data = load_dataset(f"shapesworld:shape=seen,count={n},seed=999,caption={{caption}},sizes={width}x{height}",
+                        NATIVE, multiple=pipe.vae_scale_factor * 2, keep_sizes=True)
+    return cache_examples(pipe, data)
+
+
+@torch.no_grad()
+def heldout_loss(pipe, cached, batches: int = 4) -> float:
+    """The pipeline UNet's mean denoising loss on held-out renders, the same noise and timesteps every call: does
+    the adapter fit a size the base model was not trained on?"""
+    from diffusers import DDPMScheduler
+
+    from studio.trainers.base import TrainConfig, denoising_loss, draw_batch
+
+    scheduler, config = DDPMScheduler.from_config(pipe.scheduler.config), TrainConfig(train_batch_size=32)
+    losses = []
+    for k in range(batches):
+        batch = draw_batch(cached, config, scheduler, np.random.default_rng(k), torch.Generator().manual_seed(k), pipe.device)
+        losses.append(float(denoising_loss(pipe.unet, batch, config, scheduler, pipe.device)))
+    return round(float(np.mean(losses)), 5)
 
 
 def res_adapter_parameter_count(unet) -> int:
