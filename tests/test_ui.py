@@ -12,6 +12,7 @@ from PIL import Image
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
+from studio.ui.app import UPLOAD_LABEL  # noqa: E402
 
 STEPS = 6
 
@@ -175,7 +176,7 @@ def test_upload_checks(studio_server, tmp_path):
     client = Client(url, verbose=False)
     upload = form_values(client, "/start_train", method="lora", dataset="upload")
     files_at = [p["label"] for p in client.view_api(return_format="dict", print_info=False)
-                ["named_endpoints"]["/start_train"]["parameters"]].index("images + .txt captions (same names)")
+                ["named_endpoints"]["/start_train"]["parameters"]].index(UPLOAD_LABEL)
 
     def start_with(*paths):
         values = list(upload)
@@ -264,7 +265,7 @@ def test_good_upload_trains(studio_server, tmp_path):
     values = form_values(client, "/start_train", method="lora", dataset="upload",
                          **{"max train steps": 2, "train batch size": 1})
     names = [p["label"] for p in client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/start_train"]["parameters"]]
-    values[names.index("images + .txt captions (same names)")] = [handle_file(str(p)) for p in paths]
+    values[names.index(UPLOAD_LABEL)] = [handle_file(str(p)) for p in paths]
     job_id, command = start(client, values)
     status, *_, log = watch(client, job_id)
     assert "**done**" in status, log

@@ -35,6 +35,9 @@ from studio.errors import StudioError
 from studio.options import unwrap_optional
 from studio.pipeline import SCHEDULERS, TOY_MODEL
 
+# The Train tab's dataset upload (tests find the field by it).
+UPLOAD_LABEL = "images + .txt captions (same names); a T2I-Adapter's control images as NAME-condition.png"
+
 # ShapesWorld datasets one click away (edit the spec in the page for others).
 SHAPESWORLD_PRESETS = {
     "star, 8 renders, 'a {color} sks'": "shapesworld:shape=star,count=8,colors=red|green|blue|yellow,caption=a {color} sks",
@@ -789,7 +792,7 @@ def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State, time
                 preset = gr.Dropdown(list(SHAPESWORLD_PRESETS), value=first_preset, label="ShapesWorld preset")
                 spec = gr.Textbox(SHAPESWORLD_PRESETS[first_preset], label="ShapesWorld spec")
                 files = gr.File(file_count="multiple", visible=False,
-                                label="images + .txt captions (same names); a T2I-Adapter's control images as NAME-condition.png",
+                                label=UPLOAD_LABEL,
                                 elem_id=f"{task.command}-upload")
                 by_name = {}
                 with gr.Row():
