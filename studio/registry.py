@@ -89,7 +89,7 @@ METHODS: dict[str, Method] = {
                toy_learning_rate=1e-3, trainer_class="studio.trainers.t2i_adapter:T2IAdapterTrainer",
                attaches="added network", inputs=("control",)),
         Method("res-adapter", "adapter", "other resolutions and aspects: LoRA on the samplers + the ResNet norms",
-               toy_learning_rate=1e-3, trainer_class="studio.trainers.res_adapter:ResAdapterTrainer",
+               toy_learning_rate=2e-4, trainer_class="studio.trainers.res_adapter:ResAdapterTrainer",
                attaches="norms and sampler LoRA"),
     ]
 }

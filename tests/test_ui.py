@@ -326,7 +326,8 @@ def test_every_tab_in_headless_chromium(trained, studio_server, tmp_path):
         page.get_by_role("option").filter(has_text=job_id).first.click()
         page.get_by_role("button", name="Add to the stack").click()
         label = re.compile(rf"{job_id} · lora · star, 4 renders · {STEPS} steps · ")  # what tells artifacts apart
-        expect(page.get_by_text(label)).to_be_visible(timeout=30_000)  # its on/off box
+        # Its on/off box (anchored: the "added ..." message beside it names the artifact too).
+        expect(page.get_by_text(re.compile("^" + label.pattern))).to_be_visible(timeout=30_000)
         expect(page.get_by_role("slider", name="range slider for scale", exact=True)).to_be_enabled()
         page.get_by_role("button", name="Sample", exact=True).click()
         expect(page.get_by_text("4 images · job")).to_be_visible(timeout=120_000)  # 2 default prompts x 2 seeds

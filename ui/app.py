@@ -48,7 +48,7 @@ SHAPESWORLD_PRESETS = {
     "shapes anywhere + edges (T2I-Adapter), 1000 renders": "shapesworld:shape=seen,count=1000,condition=edge,place=random,"
                                                           "caption=a {color} {texture} {shape} on a {background} background",
     "many sizes and aspects (ResAdapter), 1200 renders": "shapesworld:shape=seen,count=1200,caption={caption},"
-                                                         "sizes=16|24|32|40|48|56|64|24x48|48x24|32x64|64x32|32x48|48x32|40x64|64x40",
+                                                         "sizes=24|32|40|48|56|64|24x48|48x24|32x64|64x32|32x48|48x32|40x64|64x40",
 }
 
 

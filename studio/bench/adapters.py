@@ -308,7 +308,7 @@ def t2i_adapter(n_refs: int, train_seed: int, steps: int | None, folder: Path) -
 # references): lower rate, no 16 px (a 2x2 latent at the UNet's bottom), twice the steps.
 RES_RECIPE = {"data": "shapesworld:shape=seen,count=1200,caption={caption},"
                       "sizes=24|32|40|48|56|64|24x48|48x24|32x64|64x32|32x48|48x32|40x64|64x40",
-              "max_train_steps": 3000, "train_batch_size": 16, "learning_rate": 2e-4}
+              "max_train_steps": 3000, "train_batch_size": 16, "learning_rate": 2e-4}  # the registry's toy rate
 NATIVE = 32  # the toy model's training size
 # One size below native, native, 1.5x and 2x native, and 1:2 and 2:1 (width x height).
 RES_SIZES = ((24, 24), (32, 32), (48, 48), (64, 64), (32, 64), (64, 32))
