@@ -356,13 +356,14 @@ def test_every_tab_in_headless_chromium(trained, studio_server, tmp_path):
         # A click on a row picks its job; Delete asks first, then removes the job and its folder.
         sample_ids = [j.name for j in (root / "data" / "jobs").iterdir()
                       if '"kind": "sample"' in (j / "job.json").read_text()]
-        page.get_by_text(sample_ids[0], exact=True).first.click()
+        # The newest: the table lists newest first, and an older row may be scrolled out of its view.
+        page.get_by_text(max(sample_ids), exact=True).filter(visible=True).first.click()
         expect(page.get_by_text("studio sample").last).to_be_visible(timeout=30_000)
         page.get_by_role("button", name="Delete", exact=True).click()
         expect(page.get_by_text("and its folder (outputs, artifact, log)?")).to_be_visible(timeout=10_000)
         page.get_by_role("button", name="Yes, delete it").click()
-        expect(page.get_by_text(f"deleted job {sample_ids[0]} and its folder")).to_be_visible(timeout=30_000)
-        assert not (root / "data" / "jobs" / sample_ids[0]).exists()
+        expect(page.get_by_text(f"deleted job {max(sample_ids)} and its folder")).to_be_visible(timeout=30_000)
+        assert not (root / "data" / "jobs" / max(sample_ids)).exists()
         jobs_pick.fill(job_id)  # pick the training job again
         jobs_pick.press("Enter")
         expect(page.get_by_text("studio train --method lora").last).to_be_visible(timeout=30_000)
