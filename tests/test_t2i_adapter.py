@@ -260,6 +260,25 @@ def test_an_adapter_for_another_base_model_is_refused(trained, tmp_path):
         plugin.apply(tiny_sd_pipeline(), trained.artifact.parent)
 
 
+def test_gradient_checkpointing_reaches_the_frozen_unet(tmp_path):
+    """The adapter's gradient flows through the frozen UNet, whose activations --gradient-checkpointing saves; the
+    same seed gives the same loss with it."""
+    from unittest import mock
+
+    from diffusers import UNet2DConditionModel
+
+    plain = _train(tmp_path / "plain", steps=2)
+    enable = UNet2DConditionModel.enable_gradient_checkpointing
+    with mock.patch.object(UNet2DConditionModel, "enable_gradient_checkpointing", autospec=True, side_effect=enable) as spy:
+        checkpointed = train(TrainConfig(method="t2i-adapter", data=DATA.format(kind="mask"), output_dir=str(tmp_path / "gc"),
+                                         max_train_steps=2, train_batch_size=4, learning_rate=1e-2,
+                                         gradient_checkpointing=True, method_options={"condition": "mask"}))
+    assert spy.call_count == 1
+    assert abs(checkpointed.final_loss - plain.final_loss) < 1e-5
+    # Only the adapter is a trained part: checkpoints and the optimizer hold no copy of the frozen UNet.
+    assert checkpointed.trainable_params == plain.trainable_params
+
+
 def test_prior_data_is_refused_not_ignored(tmp_path, capsys):
     code = main(["train", "--method", "t2i-adapter", "--data", DATA.format(kind="mask"), "--prior-data",
                  "shapesworld:count=2", "--max-train-steps", "1", "--output-dir", str(tmp_path / "out")])

@@ -493,7 +493,10 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
     pipe.set_progress_bar_config(disable=True)
     parts = trainer.attach(pipe, method_config, config.train_text_encoder)
     base_fingerprint = fingerprint(pipe.unet, parts["unet"])
+    # The parts that train: a part whose parameters are all frozen (T2I-Adapter's UNet, named only for the
+    # fingerprint) is not prepared, optimized or checkpointed.
     models = {part: trainer.model(pipe, part) for part in parts}
+    models = {part: model for part, model in models.items() if any(p.requires_grad for p in model.parameters())}
     for part, model in models.items():
         if part != "unet":
             base_fingerprint[part] = fingerprint(model, parts[part])
@@ -503,6 +506,10 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
                 model.enable_gradient_checkpointing()
             elif part in text_encoder_names(pipe):  # an added network (T2I-Adapter's) is small: none
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.gradient_checkpointing and "unet" not in models:
+        # A network trained beside the frozen UNet (T2I-Adapter) still backpropagates through it: its activations
+        # are the memory to save.
+        pipe.unet.enable_gradient_checkpointing()
 
     # 2. The data, encoded once (the wrapped layers are the identity until they train).
     resolution = config.resolution or default_size(pipe)[0]
