@@ -164,17 +164,15 @@ class ResAdapterAttachment:
         bad = sorted(key for key in norms if key.rsplit(".", 1)[0] not in wanted)
         if bad:
             raise StudioError(f"{path}: {bad[0]} is not a ResNet norm of this UNet; was it made for another base model?")
+        self.params = {key: unet.get_parameter(key) for key in norms}
         for key, value in norms.items():
-            target = unet.get_submodule(key.rsplit(".", 1)[0]).get_parameter(key.rsplit(".", 1)[1])
-            if target.shape != value.shape:
-                raise StudioError(f"{path}: {key} is {list(value.shape)}, this UNet's {list(target.shape)}; "
+            if self.params[key].shape != value.shape:
+                raise StudioError(f"{path}: {key} is {list(value.shape)}, this UNet's {list(self.params[key].shape)}; "
                                   "it was made for another base model")
         tensors, config = our_lora(unet, load_file(str(lora_path)), lora_path)
-        self.pipe, self.enabled = pipe, True
-        params = {key: unet.get_submodule(key.rsplit(".", 1)[0]).get_parameter(key.rsplit(".", 1)[1]) for key in norms}
-        self.norms = {key: value.to(params[key].device, params[key].dtype) for key, value in norms.items()}
-        self.originals = {key: param.detach().clone() for key, param in params.items()}
-        self.params = params
+        self.pipe = pipe
+        self.norms = {key: value.to(param.device, param.dtype) for (key, value), param in zip(norms.items(), self.params.values())}
+        self.originals = {key: param.detach().clone() for key, param in self.params.items()}
         self.lora = plugin.attach_weights(pipe, name, registry.get("lora"), config, {}, tensors, scale, lora_path)
         self._swap(self.norms)
         self.layers = self.lora.layers + [f"unet.{key.rsplit('.', 1)[0]}" for key in norms if key.endswith(".weight")]
@@ -188,7 +186,6 @@ class ResAdapterAttachment:
         self.lora.set_scale(scale)
 
     def set_enabled(self, enabled: bool) -> None:
-        self.enabled = enabled
         self.lora.set_enabled(enabled)
         self._swap(self.norms if enabled else self.originals)
 

@@ -101,10 +101,9 @@ class T2IAdapterTrainer(MethodTrainer):
 
     def validation_inputs(self, loop: Loop) -> dict:
         """Validation samples are drawn with the first training example's control image (through the hook)."""
-        network, image = loop.unwrap("adapter"), loop.data[0].data.examples[0].condition
-        pixels = self.adapter.control_tensor([self.adapter.control_pixels(image, loop.method_config.color, "condition")])
+        network, pixels = loop.unwrap("adapter"), self.conditions[0]  # prepared in `prepare`
         self.hook.features = lambda sample: network(pixels.to(sample.device, sample.dtype))
-        return {"width": image.width, "height": image.height}
+        return {"width": pixels.shape[-1], "height": pixels.shape[-2]}
 
     def artifact(self, loop: Loop) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The network's state dict, with its config.json written beside (what `T2IAdapter.from_pretrained` reads)."""

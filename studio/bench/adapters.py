@@ -106,7 +106,8 @@ def sample_with_image_prompts(pipe, prompts: list[str], image_embeds: torch.Tens
     return images
 
 
-def _share(hits: list[bool]) -> dict:
+def _share(hits: list[bool] | list[float]) -> dict:
+    """The mean of `hits` (a share of True, or a mean IoU) with its 95% bootstrap interval."""
     values = np.asarray(hits, dtype=float)
     return {"value": round(float(values.mean()), 4), "ci": [round(x, 4) for x in two_level_bootstrap_ci([values])]}
 
@@ -238,11 +239,6 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def _mean(values: list[float]) -> dict:
-    array = np.asarray(values, dtype=float)
-    return {"value": round(float(array.mean()), 4), "ci": [round(x, 4) for x in two_level_bootstrap_ci([array])]}
-
-
 def t2i_adapter(n_refs: int, train_seed: int, steps: int | None, folder: Path) -> dict:
     """Train one T2I-Adapter per condition kind (`T2I_KINDS`) in `folder` and score it; see the module docstring."""
     from studio.adapters.t2i_adapter import T2IAdapterConfig, parameter_count
@@ -264,7 +260,7 @@ def t2i_adapter(n_refs: int, train_seed: int, steps: int | None, folder: Path) -
         # a texture against the pixel grid it is drawn on, which the evaluator reads: texture 0.82 recentred).
         shapes = score([recentred(image) for image in images], [{"shape": e["shape"]} for e in expected], evaluator).rows
         rest = score(images, [{k: v for k, v in e.items() if k != "shape"} for e in expected], evaluator).rows
-        return {"t2i_iou": _mean([iou(object_mask(a), m) for a, m in zip(arrays, masks)]),
+        return {"t2i_iou": _share([iou(object_mask(a), m) for a, m in zip(arrays, masks)]),
                 "t2i_text_acc": _share([s["shape_ok"] and all(r[f"{k}_ok"] for k in ("color", "texture", "background"))
                                         for s, r in zip(shapes, rest)])}
 
