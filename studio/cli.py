@@ -203,6 +203,21 @@ def cmd_bench_adapters(args: argparse.Namespace) -> int:
     return print_result(result, args)
 
 
+def cmd_bench_erase(args: argparse.Namespace) -> int:
+    from studio.bench.erase import ROWS, erase_bench
+
+    result = erase_bench(args.methods, args.concepts, n_prompts=args.prompts, n_other=args.other_prompts,
+                         n_seeds=args.seeds, work_dir=args.work_dir)
+    if args.output and Path(args.output).is_file():  # one method re-measured: the others' rows stay in the file
+        try:
+            kept = json.loads(Path(args.output).read_text())
+        except json.JSONDecodeError:
+            kept = {}
+        result = {**{k: v for k, v in kept.items() if k not in result}, **result}
+        result = {**{row: result[row] for row in ROWS if row in result}, **{k: v for k, v in result.items() if k not in ROWS}}
+    return print_result(result, args)
+
+
 def cmd_bench_train_step(args: argparse.Namespace) -> int:
     from studio.bench.train_step import ci_notes, train_step
 
@@ -230,8 +245,21 @@ def add_config_flag(parser: argparse.ArgumentParser, f, hint, help_prefix: str =
         parser.add_argument(flag(f.name), default=None, help=described.replace("%", "%%"))
 
 
-def add_train_args(parser: argparse.ArgumentParser) -> None:
-    """Every `TrainConfig` field and every registered method's option as a flag; default None = not given."""
+# `studio train` trains adapters, `studio erase` erases concepts: each command's default method, and the loop
+# options an erasure takes (it has no data, so none of the data options).
+DEFAULT_METHOD = {"adapter": "lora", "erase": "rece"}
+ERASE_LOOP_OPTIONS = ("method", "output_dir", "seed", "max_train_steps", "learning_rate", "mixed_precision",
+                      "gradient_accumulation_steps", "gradient_checkpointing", "checkpointing_steps", "resume",
+                      "validation_prompt", "validation_steps")
+# The options of a step-by-step loop, refused for a method computed in one go (RECE).
+STEP_OPTIONS = ("max_train_steps", "learning_rate", "mixed_precision", "gradient_accumulation_steps",
+                "gradient_checkpointing", "checkpointing_steps", "resume", "validation_prompt", "validation_steps")
+REPEATED_OPTIONS = ("concept", "preserve")  # given once per value: --concept circle --concept red
+
+
+def add_train_args(parser: argparse.ArgumentParser, kind: str = "adapter") -> None:
+    """The loop's options (`TrainConfig` fields) and every option of the registered methods of `kind` ("adapter"
+    for `studio train`, "erase" for `studio erase`) as flags; default None = not given."""
     import typing
 
     from studio import registry
@@ -240,16 +268,22 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", dest="config_file", default=None, help="TOML file whose keys are these flags")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        if f.name not in ("method_options", "model"):
+        if f.name not in ("method_options", "model") and (kind == "adapter" or f.name in ERASE_LOOP_OPTIONS):
             add_config_flag(parser, f, hints[f.name])
+    parser.set_defaults(method=None)
     owners: dict[str, list] = {}  # option name -> the methods that have it (LoRA and ResAdapter share --rank)
     for method in registry.METHODS.values():
-        for f in dataclasses.fields(method.config_class):
-            owners.setdefault(f.name, []).append((method, f))
+        if method.kind == kind:
+            for f in dataclasses.fields(method.config_class):
+                owners.setdefault(f.name, []).append((method, f))
     for name, owned in owners.items():
         method, f = owned[0]
         others = "".join(f" ({m.name}'s default: {_default_text(g)})" for m, g in owned[1:] if _default_text(g) != _default_text(f))
         names = ", ".join(m.name for m, _ in owned)
+        if name in REPEATED_OPTIONS:
+            parser.add_argument(f"--{name}", action="append", default=None, metavar="TEXT",
+                                help=f"{names} option: repeat for several")
+            continue
         add_config_flag(parser, f, typing.get_type_hints(method.config_class)[name], help_prefix=f"{names} option{others}: ")
 
 
@@ -259,8 +293,9 @@ def _default_text(f) -> str:
     return repr(default)
 
 
-def train_config_from_args(args: argparse.Namespace):
-    """Defaults < the TOML file < flags given on the command line."""
+def train_config_from_args(args: argparse.Namespace, kind: str = "adapter"):
+    """Defaults < the TOML file < flags given on the command line; the method must be of `kind` (`studio train`
+    trains adapters, `studio erase` runs erasures)."""
     import tomllib
 
     from studio import registry
@@ -278,7 +313,12 @@ def train_config_from_args(args: argparse.Namespace):
             raise StudioError(f"{path} is not valid TOML: {err}") from None
     values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "config_file")})
     values.setdefault("model", args.model)
-    method = registry.get(values.get("method", TrainConfig.method))
+    values.setdefault("method", DEFAULT_METHOD[kind])
+    method = registry.get(values["method"])
+    if method.kind != kind:
+        command = {v: k for k, v in {"train": "adapter", "erase": "erase"}.items()}.get(method.kind, method.kind)
+        raise StudioError(f"--method {method.name} is {'an erasure' if method.kind == 'erase' else 'not an erasure'}: "
+                          f"run it with `studio {command} --method {method.name}`")
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     method_fields = {f.name for f in dataclasses.fields(method.config_class)}
     options = {k: v for k, v in values.items() if k in method_fields}
@@ -286,11 +326,22 @@ def train_config_from_args(args: argparse.Namespace):
     if other:
         owners = [m.name for m in registry.METHODS.values()
                   if other[0] in {f.name for f in dataclasses.fields(m.config_class)}]
-        where = f"an option of --method {' / '.join(owners)}" if owners else "not an option of studio train"
+        where = f"an option of --method {' / '.join(owners)}" if owners else f"not an option of studio {args.command}"
         raise StudioError(f"{flag(other[0])} is {where}, not of --method {method.name}: "
                           f"choose that method or drop {flag(other[0])}")
+    stepwise = sorted(k for k in values if k in STEP_OPTIONS)
+    if method.trainer.closed_form and stepwise:
+        raise StudioError(f"{flag(stepwise[0])} is not used by --method {method.name}: it is computed in one go, with no "
+                          f"training steps; drop {flag(stepwise[0])}")
     config = config_from_options(TrainConfig, {k: v for k, v in values.items() if k in train_fields})
     config.method_options = options
+    if kind == "erase":  # what can be checked without the model: the concepts (on the toy model, its vocabulary)
+        from studio.erasure import EraseOptions, check_options, erase_prompts
+
+        erase_options = EraseOptions(**{k: options[k] for k in ("concept", "preserve", "anchor") if k in options})
+        check_options(erase_options)
+        if config.model == TOY_MODEL:
+            erase_prompts(erase_options, toy=True)
     method.config(options)  # each method option converted and range-checked, like the loop's
     check_text_encoder_options(config, method.adapter)
     check_prior_data(config, method.trainer)
@@ -305,6 +356,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(json.dumps({"artifact": str(result.artifact), "steps": result.steps, "seconds": round(result.seconds, 1),
                       "trainable_params": result.trainable_params, "final_loss": result.final_loss,
                       "skipped_images": result.data_summary["skipped"]}))
+    return 0
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    from studio.erasure import before_after
+    from studio.trainers.base import train
+
+    config = train_config_from_args(args, kind="erase")
+    result = train(config)
+    grid = before_after(config, result.artifact)
+    print(json.dumps({"artifact": str(result.artifact), "seconds": round(result.seconds, 1), "steps": result.steps,
+                      "before_after": str(grid)}))
     return 0
 
 
@@ -434,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p)
     p.set_defaults(func=cmd_train)
 
+    p = commands.add_parser("erase", help=f"erase concepts from a model ({', '.join(m for m, v in registry.METHODS.items() if v.kind == 'erase')})")
+    p.add_argument("--model", default=TOY_MODEL, help="'toy' (default), a diffusers folder, a .safetensors file, or a hub id")
+    add_train_args(p, kind="erase")
+    p.set_defaults(func=cmd_erase)
+
     p = commands.add_parser("convert", help="write an artifact in another tool's layout")
     p.add_argument("file")
     p.add_argument("--to", required=True, choices=["diffusers", "kohya", "peft", "lycoris"],
@@ -491,6 +559,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None,
                    help="also write the JSON to this file (entries of adapters not measured now are kept from it)")
     p.set_defaults(func=cmd_bench_adapters)
+    p = bench.add_parser("erase", help="concept erasure on the toy model: erase_rate, synonym_rate, preservation, ...")
+    p.add_argument("--methods", nargs="+", default=None, choices=["none", "negative-prompt", *(m for m, v in registry.METHODS.items() if v.kind == "erase")],
+                   help="rows (default: all); the unedited model is always measured, as the reference")
+    p.add_argument("--concepts", nargs="+", default=None, choices=["circle", "red", "striped", "all-three"],
+                   help="columns (default: all)")
+    p.add_argument("--prompts", type=int, default=48, help="prompts naming the concept, each drawn once per seed")
+    p.add_argument("--other-prompts", type=int, default=100, help="prompts naming none of it, for preservation and FD")
+    p.add_argument("--seeds", type=int, default=2, help="sampling seeds per prompt")
+    p.add_argument("--work-dir", default=None, help="keep the erasures here (default: a temporary folder)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--output", default=None, help="also write the JSON to this file (rows not re-measured are kept)")
+    p.set_defaults(func=cmd_bench_erase)
+
     p = bench.add_parser("train-step", help="seconds and peak memory of a training step: ours, PEFT, floor, full")
     p.add_argument("--models", nargs="+", default=None, choices=["toy", "sd15"])
     p.add_argument("--entries", nargs="+", default=None, help="default: floor full lora oft boft sara peft-lora peft-oft peft-boft")
@@ -551,8 +632,8 @@ def check_command(argv: list[str]) -> None:
     except SystemExit:  # a usage error: the command was built wrongly
         shown = " ".join(arg if arg and arg.isprintable() and " " not in arg else repr(arg) for arg in argv)
         raise StudioError(f"not a valid studio command: {shown}") from None  # one line, whatever the values
-    if args.command == "train":
-        train_config_from_args(args)
+    if args.command in ("train", "erase"):
+        train_config_from_args(args, "adapter" if args.command == "train" else "erase")
     elif args.command == "sample":
         sample_settings_from_args(args, args.prompts)
 

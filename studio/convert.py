@@ -240,8 +240,10 @@ def to_kohya(path: str | Path, output: str | Path) -> Path:
     from studio.adapters import lora
 
     header = read_header(path)
+    if header.method == "spm":
+        return _spm_to_kohya(path, output, header)
     if header.method != "lora":
-        raise StudioError(f"{path} holds {header.method}; only LoRA files have a kohya layout")
+        raise StudioError(f"{path} holds {header.method}; only LoRA and SPM files have a kohya layout")
     stored = load_file(str(path))
     sdxl = any(key.startswith("text_encoder_2.") for key in stored)
     kohya_prefix = {"unet.": KOHYA_UNET_PREFIX, "text_encoder.": "lora_te1_" if sdxl else "lora_te_",
@@ -263,6 +265,32 @@ def to_kohya(path: str | Path, output: str | Path) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(output), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(header.config.get("rank")),
                                                "ss_network_alpha": str(float(alpha))})
+    return output
+
+
+def _spm_to_kohya(path: str | Path, output: str | Path, header: ArtifactHeader) -> Path:
+    """An SPM file in the official SPM release layout: kohya keys (a 1x1 `lora_up` for a convolution), alpha = rank
+    (our `spm_up` already holds α/r), and the release's metadata (`prompts`, `rank`, `alpha`). It loads as a plain
+    LoRA, without Facilitated Transport."""
+    from studio.adapters import spm
+
+    stored = load_file(str(path))
+    tensors = {}
+    for key, value in stored.items():
+        layer, _, param = key[len(spm.KEY_PREFIX):].rpartition(".")
+        stem = KOHYA_UNET_PREFIX + layer.replace(".", "_")
+        if param == spm.DOWN:
+            tensors[stem + KOHYA_DOWN] = value
+            tensors[stem + KOHYA_ALPHA] = torch.tensor(float(value.shape[0]))
+        else:
+            conv = stored[f"{spm.KEY_PREFIX}{layer}.{spm.DOWN}"].dim() == 4
+            tensors[stem + KOHYA_UP] = value[:, :, None, None] if conv else value
+    rank = header.config.get("rank", 1)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(output), metadata={
+        "prompts": ",".join(header.config.get("concept", [])), "rank": str(rank), "alpha": str(float(rank)),
+        "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(float(rank))})
     return output
 
 

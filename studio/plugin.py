@@ -439,6 +439,20 @@ def call_inputs(pipe, **inputs) -> dict:
     return kwargs
 
 
+def set_prompts(pipe, prompts: list[str] | None) -> None:
+    """Tell the applied artifacts whose strength follows the prompt (SPM's Facilitated Transport) the prompts of the
+    coming pipeline call, one per image of its batch before classifier-free guidance; None: full strength. `studio
+    sample` and the web app call this before every call; a direct `pipe(...)` user calls it the same way.
+
+    Example:
+        >>> set_prompts(pipe, ["a red circle", "a blue square"])  # doctest: +SKIP
+        >>> images = pipe(["a red circle", "a blue square"]).images  # doctest: +SKIP
+    """
+    for attachment in _registry(pipe).values():
+        if hasattr(attachment, "set_prompts"):
+            attachment.set_prompts(prompts)
+
+
 def artifact_methods(paths: list[str | Path]) -> dict[str, str]:
     """Each artifact file's name (as `apply` would name it) and method, from its header alone.
 

@@ -31,7 +31,7 @@ class Method:
     """A registered method: its name, its kind of job, its default learning rates and where its halves live."""
 
     name: str
-    kind: str  # "adapter" (train & apply), "erase", "quantize", ...
+    kind: str  # "adapter" (`studio train`), "erase" (`studio erase`), "quantize", ...
     summary: str
     # The default --learning-rate on the toy model: the `studio bench personalize` recipe's, measured there.
     toy_learning_rate: float
@@ -91,6 +91,11 @@ METHODS: dict[str, Method] = {
         Method("res-adapter", "adapter", "other resolutions and aspects: LoRA on the samplers + the ResNet norms",
                toy_learning_rate=2e-4, trainer_class="studio.trainers.res_adapter:ResAdapterTrainer",
                attaches="norms and sampler LoRA"),
+        Method("spm", "erase", "rank-1 membranes in the transformer blocks, gated by the prompt (Facilitated Transport)",
+               toy_learning_rate=1e-3, trainer_class="studio.trainers.spm:SPMTrainer", attaches="prompt-gated membranes"),
+        Method("rece", "erase", "closed-form erasure in the cross-attention key/value projections (UCE + adversarial rounds)",
+               toy_learning_rate=0.0, learning_rate=0.0,  # closed form: nothing is learned step by step
+               trainer_class="studio.trainers.rece:RECETrainer"),
     ]
 }
 

@@ -135,6 +135,7 @@ def generate(pipe, settings: SampleSettings, progress: bool = True) -> list[Imag
     for start in range(0, len(jobs), settings.batch_size):
         batch = jobs[start : start + settings.batch_size]
         generators = [torch.Generator(device=device).manual_seed(seed) for _, seed in batch]
+        plugin.set_prompts(pipe, [p for p, _ in batch])  # an SPM's strength follows each prompt
         out = pipe(
             prompt=[p for p, _ in batch],
             negative_prompt=[settings.negative_prompt] * len(batch),

@@ -401,6 +401,8 @@ class MethodTrainer:
     weight_decay = 0.0  # orthogonal and low-rank methods use none: decay would pull R to I / B A to 0
     uses_prior_data = True  # its loss adds the --prior-data set's (refused where it would be ignored)
     keeps_image_sizes = False  # True: every image trains at its own size (ResAdapter), not fitted to --resolution
+    needs_data = True  # False: it learns from the model itself (concept erasure): --data is refused, nothing is cached
+    closed_form = False  # True: `prepare` computes the result at once (RECE): no optimizer, no step
 
     def __init__(self, method: registry.Method) -> None:
         self.method = method
@@ -441,6 +443,12 @@ class MethodTrainer:
     def after_step(self, loop: Loop, step: int, optimizer: torch.optim.Optimizer) -> None:
         """Nothing by default (SaRA re-selects its entries half-way)."""
 
+    def validation_prompt(self, method_config) -> str | None:
+        """What validation images draw when `--validation-prompt` is left out and there is no data to take the first
+        caption from (an erasure: its first concept)."""
+        concepts = getattr(method_config, "concept", None)
+        return concepts[0] if concepts else None
+
     def validation_inputs(self, loop: Loop) -> dict:
         """Extra arguments of the pipeline call that draws validation samples (IP-Adapter: an image prompt)."""
         return {}
@@ -470,8 +478,12 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
     method_config = method_config or method.config(config.method_options)
     check_options(method_config)
     output_dir = Path(config.output_dir)
-    if not config.data:
+    if trainer.needs_data and not config.data:
         raise StudioError("no training data: pass --data DIR (images + .txt captions) or --data shapesworld:SPEC")
+    if not trainer.needs_data and config.data:
+        raise StudioError(f"--data is not used by --method {config.method}: it learns from the model itself; drop --data")
+    if trainer.closed_form and config.resume:
+        raise StudioError(f"--method {config.method} is computed in one go, with no checkpoints: drop --resume")
     # A second run in the same process (tests, the app's worker) may ask for another precision; the
     # process-level state (ranks, devices) is kept, only the per-run settings are dropped.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -511,16 +523,21 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
         # are the memory to save.
         pipe.unet.enable_gradient_checkpointing()
 
-    # 2. The data, encoded once (the wrapped layers are the identity until they train).
-    resolution = config.resolution or default_size(pipe)[0]
-    dataset = load_dataset(config.data, resolution, config.default_caption, config.trigger, config.repeats,
-                           multiple=pipe.vae_scale_factor * 2, keep_sizes=trainer.keeps_image_sizes)
-    cache_dir = Path(config.cache_dir) if config.cache_dir else output_dir / "cache"
-    config = with_defaults(config, dataset.examples[0].caption)
-    cached = [cache_examples(pipe, dataset, cache_dir, config.model)]
-    if config.prior_data:
-        prior = load_dataset(config.prior_data, resolution, multiple=pipe.vae_scale_factor * 2)
-        cached.append(cache_examples(pipe, prior, cache_dir, config.model))
+    # 2. The data, encoded once (the wrapped layers are the identity until they train). A method that learns from
+    # the model itself (an erasure) has none.
+    dataset, cached = None, []
+    if trainer.needs_data:
+        resolution = config.resolution or default_size(pipe)[0]
+        dataset = load_dataset(config.data, resolution, config.default_caption, config.trigger, config.repeats,
+                               multiple=pipe.vae_scale_factor * 2, keep_sizes=trainer.keeps_image_sizes)
+        cache_dir = Path(config.cache_dir) if config.cache_dir else output_dir / "cache"
+        cached = [cache_examples(pipe, dataset, cache_dir, config.model)]
+        if config.prior_data:
+            prior = load_dataset(config.prior_data, resolution, multiple=pipe.vae_scale_factor * 2)
+            cached.append(cache_examples(pipe, prior, cache_dir, config.model))
+    config = with_defaults(config, dataset.examples[0].caption if dataset else trainer.validation_prompt(method_config))
+    data_summary = dataset.summary() if dataset else {}
+    total_steps = 0 if trainer.closed_form else config.max_train_steps
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     # One parameter group per trained part: the text encoders at their own learning rate.
@@ -530,12 +547,15 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
         if part in te_names:
             group["lr"] = config.text_encoder_lr or config.learning_rate
     trainable = sum(p.numel() for group in groups for p in group["params"])
-    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=trainer.weight_decay)
-    *prepared, optimizer = accelerator.prepare(*models.values(), optimizer)
-    models = dict(zip(models, prepared))
+    optimizer = None  # a closed-form method (RECE) has nothing to step
+    if not trainer.closed_form:
+        optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=trainer.weight_decay)
+        *prepared, optimizer = accelerator.prepare(*models.values(), optimizer)
+        models = dict(zip(models, prepared))
     text_encoders = [models[part] for part in models if part in te_names]
     loop = Loop(config, method_config, pipe, models, cached, noise_scheduler,
                 LiveText(pipe, text_encoders) if text_encoders else None, accelerator)
+    start = time.time()  # a closed-form method (RECE) does all its work in `prepare`
     trainer.prepare(loop)
 
     start_step = 0
@@ -559,14 +579,13 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
 
     # 3. The loop. SIGTERM/SIGINT ask it to stop after the current step: it saves a checkpoint
     # there, so `--resume latest` continues exactly (the app's Stop button sends SIGTERM).
-    start = time.time()
     loss_value = math.nan
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics = (output_dir / "metrics.jsonl").open("a") if accelerator.is_main_process else None
     stop = _StopRequest()
     try:
-        bar = tqdm(range(start_step, config.max_train_steps), initial=start_step, total=config.max_train_steps,
-                   desc=f"train {config.method}", disable=not accelerator.is_local_main_process)
+        bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
+                   desc=f"train {config.method}", disable=not accelerator.is_local_main_process or not total_steps)
         for step in bar:
             rng, generator = _step_generators(config.seed, step, accelerator.process_index)
             torch.manual_seed(int(rng.integers(2**31)))  # adapter dropout and the like
@@ -607,18 +626,18 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
     artifact = trainer.artifact_path(output_dir)
     if accelerator.is_main_process:
         tensors, metadata = trainer.artifact(loop)
-        if config.model == TOY_MODEL:  # caption words the toy vocabulary lacks ("sks"): its prompt warning spares them
+        if config.model == TOY_MODEL and dataset:  # caption words the toy vocabulary lacks ("sks"): its prompt warning spares them
             from studio.toy.vocabulary import unknown_words
 
             captions = " ".join(sorted({example.caption for example in dataset.examples}))
             metadata = {**metadata, TRIGGER_WORDS_KEY: json.dumps(unknown_words(captions))}
         save_artifact(artifact, tensors, config.method, asdict(method_config), base_fingerprint, extra_metadata=metadata)
         (output_dir / "summary.json").write_text(json.dumps(
-            {"steps": config.max_train_steps, "processes": accelerator.num_processes, "trainable_params": trainable,
-             "final_loss": loss_value,
-             "seconds": round(time.time() - start, 2), "data": dataset.summary(), "config": asdict(config)}, indent=2))
+            {"steps": total_steps, "processes": accelerator.num_processes, "trainable_params": trainable,
+             "final_loss": loss_value, "seconds": round(time.time() - start, 2), "data": data_summary,
+             "config": asdict(config)}, indent=2))
     accelerator.end_training()
-    return TrainResult(artifact, config.max_train_steps, time.time() - start, trainable, loss_value, dataset.summary())
+    return TrainResult(artifact, total_steps, time.time() - start, trainable, loss_value, data_summary)
 
 
 class _StopRequest:

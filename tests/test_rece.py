@@ -1,0 +1,166 @@
+"""RECE: closed-form erasure of a concept on the toy model, measured; its artifact through the plugin; bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from studio import plugin
+from studio.adapters import rece
+from studio.cli import main
+from studio.erasure import EraseOptions, erase_prompts
+from studio.errors import StudioError
+from studio.eval import score
+from studio.pipeline import load
+from studio.sample import SampleSettings, generate
+from studio.toy.captions import caption_from_parts
+from studio.trainers.base import TrainConfig, train
+
+SHAPES = ["circle", "square", "triangle", "cross", "diamond"]
+COLORS = ["red", "orange", "yellow", "green", "blue", "purple"]
+TEXTURES = ["plain", "striped", "dotted", "checkered"]
+
+
+@pytest.fixture(scope="module")
+def erased(tmp_path_factory):
+    """RECE of "circle" on the toy model (its defaults), and of "red", each through the loop."""
+    folder = tmp_path_factory.mktemp("rece")
+    circle = train(TrainConfig(method="rece", output_dir=str(folder / "circle"), method_options={"concept": ["circle"]}))
+    red = train(TrainConfig(method="rece", output_dir=str(folder / "red"), method_options={"concept": ["red"]}))
+    return circle.artifact, red.artifact
+
+
+def _draw(pipe, prompts: list[str]) -> list:
+    return generate(pipe, SampleSettings(prompts=prompts, seeds=[3], steps=20, batch_size=64), progress=False)
+
+
+def _prompts(category: str, value: str | None, n: int, seed: int = 0) -> list[tuple[str, dict]]:
+    """n ShapesWorld captions with (or, value None: without) the value in the category, and what they ask for."""
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        asked = {"shape": SHAPES[rng.integers(5)], "color": COLORS[rng.integers(6)], "texture": TEXTURES[rng.integers(4)]}
+        if value is not None:
+            asked[category] = value
+        elif asked[category] in ("circle", "red"):
+            continue
+        out.append((caption_from_parts(asked["shape"], asked["color"], asked["texture"]), asked))
+    return out
+
+
+def test_erases_the_concept_and_keeps_the_rest(erased):
+    """A small version of `studio bench erase`: 32 prompts naming the concept, 32 naming neither."""
+    circle, red = erased
+    pipe = load("toy")
+    named = {"circle": _prompts("shape", "circle", 32), "red": _prompts("color", "red", 32)}
+    other = _prompts("shape", None, 32, seed=1)
+    other = [(p, a) for p, a in other if a["color"] != "red"]
+
+    def accuracy() -> float:
+        table = score(_draw(pipe, [p for p, _ in other]), [a for _, a in other])
+        return float(np.mean([table.accuracy()[k] for k in ("shape", "color", "texture")]))
+
+    before = {c: score(_draw(pipe, [p for p, _ in ps])).rate(cat, c)
+              for (c, ps), cat in zip(named.items(), ("shape", "color"))}
+    base_accuracy = accuracy()
+    assert min(before.values()) >= 0.9
+    for concept, category, artifact in (("circle", "shape", circle), ("red", "color", red)):
+        plugin.apply(pipe, artifact)
+        assert score(_draw(pipe, [p for p, _ in named[concept]])).rate(category, concept) <= 0.1
+        assert accuracy() >= base_accuracy - 0.05
+        plugin.remove(pipe, plugin.attachments(pipe)[0].name)
+
+
+def test_two_erasures_compose(erased):
+    pipe = load("toy")
+    for artifact in erased:
+        plugin.apply(pipe, artifact)
+    table = score(_draw(pipe, ["a red circle", "a red striped circle", "a red dotted circle", "a red plain circle"]))
+    assert table.rate("shape", "circle") <= 0.25 and table.rate("color", "red") <= 0.25
+
+
+def test_only_the_cross_attention_keys_and_values_change_and_remove_restores_them(erased):
+    pipe = load("toy")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    sample, text = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 128)
+    with torch.no_grad():
+        original = pipe.unet(sample, 500, text).sample
+        name = plugin.apply(pipe, erased[0])
+        assert sorted(k.split(".", 1)[1].rsplit(".", 1)[0] for k in load_file(str(erased[0]))) == sorted(
+            rece.projections(pipe.unet))
+        assert not torch.equal(pipe.unet(sample, 500, text).sample, original)
+        plugin.fuse(pipe)
+        plugin.unfuse(pipe)
+        plugin.remove(pipe, name)
+        assert torch.equal(pipe.unet(sample, 500, text).sample, original)
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def test_on_the_tiny_sdxl_fixture_only_the_targeted_layers_change(tmp_path):
+    from studio.testing import tiny_sdxl_pipeline
+
+    model = tmp_path / "sdxl"
+    tiny_sdxl_pipeline().save_pretrained(model)
+    result = train(TrainConfig(method="rece", model=str(model), output_dir=str(tmp_path / "out"),
+                               method_options={"concept": ["dog"], "preserve": ["cat"]}))
+    tensors = load_file(str(result.artifact))
+    pipe = load(str(model))
+    targeted = sorted(rece.projections(pipe.unet))
+    assert sorted(k[len("unet."):-len(".rece_delta")] for k in tensors) == targeted
+    assert all(t.abs().max() > 0 for t in tensors.values())
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    plugin.apply(pipe, result.artifact)
+    plugin.fuse(pipe)
+    changed = {k.rsplit(".", 1)[0] for k, v in pipe.unet.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == set(targeted)
+
+
+def test_the_closed_form_sends_the_concept_to_its_anchor_and_keeps_the_kept():
+    """UCE's closed form on random embeddings: W' c ≈ W a, W' k ≈ W k."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 32, generator=generator)
+    concept, anchor, kept = (torch.randn(3, 32, generator=generator) for _ in range(3))
+    edited = weight.double() @ rece.uce_map([(concept, anchor)], [kept], lamb=1e-3, preserve_scale=1.0)
+    assert torch.allclose(edited @ concept.double().T, weight.double() @ anchor.double().T, atol=1e-2)
+    assert torch.allclose(edited @ kept.double().T, weight.double() @ kept.double().T, atol=1e-2)
+
+
+def test_the_toy_prompts_pair_each_caption_with_its_anchored_twin():
+    pairs, kept = erase_prompts(EraseOptions(concept=["red", "striped"]), toy=True)
+    assert ("a red striped circle", "an orange plain circle") in pairs
+    assert not any({"red", "striped"} & set(k.split()) for k in kept) and "a blue dotted square" in kept
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--concept", ""], "--concept '': an empty concept erases nothing"),
+    (["--concept", "!!!", "--model", "TINY"], "--concept '!!!' tokenizes to nothing the model reads"),
+    (["--concept", "circle", "--preserve", "circle"], "--preserve 'circle' is also erased"),
+    ([], "no concept to erase"),
+    (["--concept", "disk"], "concept 'disk' is a name for the toy model's 'circle'"),
+    (["--concept", "circle", "--max-train-steps", "5"], "--max-train-steps is not used by --method rece"),
+    (["--concept", "circle", "--method", "lora"], "--method lora is not an erasure"),
+])
+def test_bad_concepts_are_refused_in_one_line(argv, message, tmp_path, capsys):
+    if "TINY" in argv:
+        from studio.testing import tiny_sd_pipeline
+
+        tiny_sd_pipeline().save_pretrained(tmp_path / "tiny")
+        argv = [str(tmp_path / "tiny") if a == "TINY" else a for a in argv]
+        capsys.readouterr()
+    assert main(["erase", *argv, "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err  # a model other than the toy one shows its loading bars first
+    assert err.endswith("\n") and err.splitlines()[-1].startswith(f"error: {message}") and err.count("error:") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_erasure_takes_no_data(tmp_path):
+    with pytest.raises(StudioError, match="--data is not used by --method rece"):
+        train(TrainConfig(method="rece", data="shapesworld:count=2", output_dir=str(tmp_path),
+                          method_options={"concept": ["circle"]}))
+
+
+def test_the_cli_writes_the_artifact_and_a_before_after_sheet(tmp_path, capsys):
+    assert main(["erase", "--concept", "striped", "--output-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "rece.safetensors").is_file() and (tmp_path / "before-after.png").is_file()

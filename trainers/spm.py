@@ -1,0 +1,133 @@
+"""How SPM is learned: from the model itself, no data (the reference's `train_spm.py`, on the loop contract).
+
+Each step, with that step's seeded generators:
+1. an erased concept c and a depth k in [1, denoising_steps) are drawn; a latent x_t is sampled by DDIM from noise
+   for k steps with the membranes on, prompted with c at `sampling_guidance` (no gradient);
+2. the erase loss ‖ε_{θ+Δ}(x_t, c) − [ε_θ(x_t, n) − η(ε_θ(x_t, c) − ε_θ(x_t, n))]‖², n the neutral prompt (`--anchor`;
+   by default the empty prompt, on the toy model another value of c's category), ε_θ with the membranes off;
+3. Latent Anchoring: `anchors_per_step` random embeddings e, each a Gaussian direction accepted with probability
+   1 − cos(e, c) and scaled to 0.8-1.2 × ‖c‖, and ‖ε_{θ+Δ}(x_t, e) − ε_θ(x_t, e)‖² weighted by `anchor_weight`: the
+   membranes must leave the model's answer to everything else as it was.
+
+Example:
+    >>> from studio import registry
+    >>> registry.get("spm").trainer.needs_data
+    False
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from studio.erasure import anchors, check_options
+from studio.pipeline import TOY_MODEL, default_size
+from studio.trainers.base import Loop, MethodTrainer
+
+ANCHOR_SCALE = (0.8, 1.2)  # an anchor embedding's norm, relative to the concept's (the reference's range)
+
+
+class SPMTrainer(MethodTrainer):
+    """The loop contract for SPM: no data; the erase loss with Latent Anchoring on DDIM latents of the model itself."""
+
+    needs_data = False
+    uses_prior_data = False
+
+    def attach(self, pipe, method_config, train_text_encoder: bool = False) -> dict[str, list[str]]:
+        check_options(method_config, pipe.tokenizer)
+        return {"unet": self.adapter.inject(pipe.unet, method_config)}
+
+    @torch.no_grad()
+    def prepare(self, loop: Loop) -> None:
+        from diffusers import DDIMScheduler
+
+        pipe, config = loop.pipe, loop.method_config
+        neutral = anchors(config, toy=loop.config.model == TOY_MODEL)
+        device = loop.accelerator.device
+        self.concepts = self._encode(pipe, list(config.concept), device)
+        self.neutrals = self._encode(pipe, [neutral[c] for c in config.concept], device)
+        self.empty = self._encode(pipe, [""], device)
+        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.scheduler.set_timesteps(config.denoising_steps, device=device)
+        width, height = default_size(pipe)
+        self.latent_shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        self.time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=device)
+
+    @staticmethod
+    def _encode(pipe, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(text conditioning, pooled embedding or None) per prompt, as the pipeline makes them."""
+        encoded = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+        pooled = encoded[2] if len(encoded) == 4 else None  # SDXL: (embeds, negative, pooled, negative pooled)
+        return encoded[0].float(), pooled.float() if pooled is not None else None
+
+    def _predict(self, unet, x: torch.Tensor, t, condition: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        text, pooled = condition
+        added = None
+        if pooled is not None:
+            added = {"text_embeds": pooled, "time_ids": self.time_ids.expand(len(x), -1)}
+        return unet(x, t, text, added_cond_kwargs=added).sample.float()
+
+    @staticmethod
+    def _rows(condition, index) -> tuple[torch.Tensor, torch.Tensor | None]:
+        text, pooled = condition
+        return text[index], pooled[index] if pooled is not None else None
+
+    @staticmethod
+    def _cat(*conditions) -> tuple[torch.Tensor, torch.Tensor | None]:
+        texts = torch.cat([c[0] for c in conditions])
+        pooled = None if conditions[0][1] is None else torch.cat([c[1] for c in conditions])
+        return texts, pooled
+
+    @staticmethod
+    def _anchor_embeddings(concept, count: int, rng: np.random.Generator, generator: torch.Generator):
+        """Random embeddings away from the concept's: Gaussian directions accepted with probability 1 − cos(e, c)."""
+        made = []
+        for part in concept:
+            if part is None:
+                made.append(None)
+                continue
+            target = part[0].flatten()
+            samples = []
+            while len(samples) < count:
+                noise = torch.randn(target.shape, generator=generator).to(target)
+                noise = noise / noise.norm()
+                if rng.random() < 1 - float(F.cosine_similarity(target, noise, dim=0)):
+                    scale = rng.uniform(*ANCHOR_SCALE) * float(target.norm())
+                    samples.append((noise * scale).view(part.shape[1:]))
+            made.append(torch.stack(samples))
+        return made[0], made[1]
+
+    def loss(self, loop: Loop, rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
+        config = loop.method_config
+        unet = loop.models["unet"]
+        membranes_on = loop.unwrap("unet")
+        pick = [int(rng.integers(len(config.concept)))]
+        concept = self._rows(self.concepts, pick)
+        neutral = self._rows(self.neutrals, pick)
+        depth = int(rng.integers(1, config.denoising_steps))
+        device = loop.accelerator.device
+        with torch.no_grad():  # 1. a latent along the model's own trajectory for the concept, membranes on
+            x = torch.randn(self.latent_shape, generator=generator).to(device) * self.scheduler.init_noise_sigma
+            guided = self._cat(self.empty, concept)
+            for t in self.scheduler.timesteps[:depth]:
+                uncond, cond = self._predict(unet, torch.cat([x, x]), t, guided).chunk(2)
+                x = self.scheduler.step(uncond + config.sampling_guidance * (cond - uncond), t, x).prev_sample
+            t = self.scheduler.timesteps[depth]
+            self.adapter.set_membranes(membranes_on, False)
+            positive = self._predict(unet, x, t, concept)
+            neutral_eps = self._predict(unet, x, t, neutral)
+            count = config.anchors_per_step
+            anchored = self._anchor_embeddings(concept, count, rng, generator) if count else None
+            anchored_base = self._predict(unet, x.repeat(count, 1, 1, 1), t, anchored) if anchored else None
+            self.adapter.set_membranes(membranes_on, True)
+        # 2. the erase loss: the concept's prediction pushed to the neutral one, away from the concept
+        target = neutral_eps - config.guidance * (positive - neutral_eps)
+        loss = F.mse_loss(self._predict(unet, x, t, concept), target)
+        if anchored is not None:  # 3. Latent Anchoring: everything else answered as before
+            loss = loss + config.anchor_weight * F.mse_loss(
+                self._predict(unet, x.repeat(count, 1, 1, 1), t, anchored), anchored_base)
+        return loss
+
+    def artifact(self, loop: Loop) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        return self.adapter.state_dict(loop.unwrap("unet")), self.adapter.file_metadata(loop.method_config)
