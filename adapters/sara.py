@@ -38,7 +38,7 @@ from torch import nn
 
 from studio.errors import StudioError
 from studio.options import ranged
-from studio.targets import layer_forward, wrap_targets
+from studio.targets import add_sparse, layer_forward, wrap_targets
 
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 
@@ -84,8 +84,7 @@ def transform(weight: torch.Tensor, params: dict[str, torch.Tensor], scale: floa
         >>> transform(w, {INDICES: torch.tensor([3]), VALUES: torch.tensor([0.5])}).tolist()
         [[0.0, 0.0], [0.0, 0.5]]
     """
-    flat = weight.reshape(-1).index_add(0, params[INDICES].to(weight.device), params[VALUES].to(weight) * scale)
-    return flat.view_as(weight)
+    return add_sparse(weight, params[INDICES], params[VALUES], scale)
 
 
 @contextmanager

@@ -313,6 +313,10 @@ def train_config_from_args(args: argparse.Namespace, kind: str = "adapter"):
             raise StudioError(f"{path} is not valid TOML: {err}") from None
     values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "config_file")})
     values.setdefault("model", args.model)
+    for name in REPEATED_OPTIONS:  # --concept circle,red is --concept circle --concept red (the page writes it so)
+        if isinstance(values.get(name), list):
+            values[name] = [part.strip() for item in values[name] for part in str(item).split(",") if part.strip()] \
+                or [""]  # given but empty: refused by name below
     values.setdefault("method", DEFAULT_METHOD[kind])
     method = registry.get(values["method"])
     if method.kind != kind:
@@ -336,10 +340,10 @@ def train_config_from_args(args: argparse.Namespace, kind: str = "adapter"):
     config = config_from_options(TrainConfig, {k: v for k, v in values.items() if k in train_fields})
     config.method_options = options
     if kind == "erase":  # what can be checked without the model: the concepts (on the toy model, its vocabulary)
-        from studio.erasure import EraseOptions, check_options, erase_prompts
+        from studio.erasure import EraseOptions, check_options, erase_prompts, model_tokenizer
 
         erase_options = EraseOptions(**{k: options[k] for k in ("concept", "preserve", "anchor") if k in options})
-        check_options(erase_options)
+        check_options(erase_options, model_tokenizer(config.model))
         if config.model == TOY_MODEL:
             erase_prompts(erase_options, toy=True)
     method.config(options)  # each method option converted and range-checked, like the loop's

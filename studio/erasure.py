@@ -100,6 +100,27 @@ def check_options(options: EraseOptions, tokenizer=None) -> None:
                           "choose another anchor")
 
 
+def model_tokenizer(model: str):
+    """The tokenizer of `model` ("toy" or a diffusers folder), loaded alone (fast, no weights); None where it cannot
+    be read without loading the model (a single file, a hub id): the concepts are then checked once it loads.
+
+    Example:
+        >>> model_tokenizer("toy").model_max_length
+        77
+    """
+    from transformers import AutoTokenizer
+
+    from studio.pipeline import TOY_MODEL, toy_model_path
+
+    folder = (toy_model_path() if model == TOY_MODEL else Path(model).expanduser()) / "tokenizer"
+    if not folder.is_dir():
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError):
+        return None  # an unreadable tokenizer: the model's own loading says what is wrong
+
+
 def _meaningful_tokens(text: str, tokenizer) -> list[int]:
     """The token ids of `text` other than the special ones and pure punctuation."""
     ids = tokenizer(text, add_special_tokens=False).input_ids

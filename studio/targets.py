@@ -71,6 +71,17 @@ def layer_forward(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> tor
     return F.linear(x, weight, base.bias)
 
 
+def add_sparse(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """`weight` with `scale` x `values` added at its flat `indices` (a sparse weight update: SaRA's, ANT's).
+
+    Example:
+        >>> add_sparse(torch.zeros(2, 2), torch.tensor([3]), torch.tensor([0.5])).tolist()
+        [[0.0, 0.0], [0.0, 0.5]]
+    """
+    flat = weight.reshape(-1).index_add(0, indices.to(weight.device), values.to(weight) * scale)
+    return flat.view_as(weight)
+
+
 def wrap_targets(model: nn.Module, patterns: list[str], make_layer) -> list[str]:
     """Replace every target layer by `make_layer(layer)`, freeze the rest of `model`; return the wrapped names.
 

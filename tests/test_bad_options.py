@@ -80,16 +80,22 @@ def page_call(studio_app, command: str, option: str, value: str):
                "width": "width", "height": "height"}[name]
         form[key] = value if key in ("seeds", "scheduler") else float(value)
         return studio_app.sample(studio_app.default_model, [], "a red circle", "", *form.values())
-    method = shlex.split(command)[2] if "--method" in command else "lora"
-    common, per_method = studio_app.fields("adapter")
+    words = shlex.split(command)
+    kind = "erase" if words[0] == "erase" else "adapter"
+    method = words[words.index("--method") + 1] if "--method" in words else "lora"
+    common, per_method = studio_app.fields(kind)
     every = common + [f for fields in per_method.values() for f in fields]
-    values = [f.default if not typing.get_origin(f.base_type) is list else ",".join(f.default) for f in every]
+    values = [f.default if not typing.get_origin(f.base_type) is list else ",".join(f.default or []) for f in every]
+    if kind == "erase":  # the form's concept field, as the command line gives it
+        values[next(i for i, f in enumerate(every) if f.name == "concept")] = words[words.index("--concept") + 1]
     index = next(i for i, f in enumerate(every) if f.name == name and f.owner in ("common", method))
     try:
         values[index] = float(value)
     except ValueError:
         values[index] = value
-    return studio_app.start("adapter", studio_app.default_model, method, "ShapesWorld", DATA, None, *values)
+    if kind == "erase":
+        return studio_app.start(kind, studio_app.default_model, method, "none", "", None, *values)
+    return studio_app.start(kind, studio_app.default_model, method, "ShapesWorld", DATA, None, *values)
 
 
 @pytest.mark.parametrize("command, option, value, page, message", [r for r in ROWS if r[3] == "yes"],
@@ -121,8 +127,12 @@ def test_every_boolean_is_a_switch_and_a_toml_bool(name, owner, tmp_path):
     switch = "--" + name.replace("_", "-")
     parser = build_parser()
 
+    erase = registry.get(method).kind == "erase"
+    command = ["erase", "--method", method, "--concept", "circle"] if erase else ["train", "--method", method, "--data", DATA]
+
     def read(argv):
-        config = train_config_from_args(parser.parse_args(["train", "--method", method, "--data", DATA] + argv))
+        args = parser.parse_args(command + argv)
+        config = train_config_from_args(args, "erase" if erase else "adapter")
         return config.method_options[name] if name in config.method_options else getattr(config, name)
 
     assert read([switch]) is True
@@ -132,7 +142,7 @@ def test_every_boolean_is_a_switch_and_a_toml_bool(name, owner, tmp_path):
         path.write_text(f"{name} = {text}\n")
         assert read(["--config", str(path)]) is expected
     with pytest.raises(SystemExit):  # `--coft true`: a switch takes no value
-        parser.parse_args(["train", "--method", method, switch, "true"])
+        parser.parse_args([*command, switch, "true"])
     path = tmp_path / "bad.toml"
     path.write_text(f'{name} = "maybe"\n')
     with pytest.raises(StudioError, match=f"{switch} 'maybe': must be true or false"):

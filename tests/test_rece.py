@@ -164,3 +164,29 @@ def test_an_erasure_takes_no_data(tmp_path):
 def test_the_cli_writes_the_artifact_and_a_before_after_sheet(tmp_path, capsys):
     assert main(["erase", "--concept", "striped", "--output-dir", str(tmp_path)]) == 0
     assert (tmp_path / "rece.safetensors").is_file() and (tmp_path / "before-after.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def studio_app(tmp_path_factory):
+    from studio.ui.app import Studio
+
+    return Studio(tmp_path_factory.mktemp("studio"), workers=0)
+
+
+@pytest.mark.parametrize("concept, preserve, message", [
+    ("", "", "no concept to erase: pass --concept WORD"),
+    ("!!!", "", "--concept '!!!' tokenizes to nothing the model reads"),
+    ("circle", "circle", "--preserve 'circle' is also erased (--concept 'circle')"),
+])
+def test_the_erase_tab_refuses_bad_concepts_before_a_job_exists(studio_app, concept, preserve, message):
+    import gradio as gr
+
+    common, per_method = studio_app.fields("erase")
+    every = common + [f for fields in per_method.values() for f in fields]
+    values = [f.default if f.name not in ("concept", "preserve") else "" for f in every]
+    values[[f.name for f in every].index("concept")] = concept
+    values[[f.name for f in every].index("preserve")] = preserve
+    with pytest.raises(gr.Error) as raised:
+        studio_app.start("erase", studio_app.default_model, "rece", "none", "", None, *values)
+    assert raised.value.message.startswith(message)
+    assert studio_app.queue.list() == []

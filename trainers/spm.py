@@ -1,10 +1,14 @@
 """How SPM is learned: from the model itself, no data (the reference's `train_spm.py`, on the loop contract).
 
 Each step, with that step's seeded generators:
-1. an erased concept c and a depth k in [1, denoising_steps) are drawn; a latent x_t is sampled by DDIM from noise
-   for k steps with the membranes on, prompted with c at `sampling_guidance` (no gradient);
-2. the erase loss ‖ε_{θ+Δ}(x_t, c) − [ε_θ(x_t, n) − η(ε_θ(x_t, c) − ε_θ(x_t, n))]‖², n the neutral prompt (`--anchor`;
-   by default the empty prompt, on the toy model another value of c's category), ε_θ with the membranes off;
+1. a prompt c naming an erased concept, with its neutral twin n, and a depth k in [1, denoising_steps) are drawn; a
+   latent x_t is sampled by DDIM from noise for k steps with the membranes on, prompted with c at `sampling_guidance`
+   (no gradient). The prompts are the erasures' shared set (`studio.erasure.erase_prompts`): the concept alone and in
+   context (on the toy model every caption naming it), n the same prompt with the concept replaced by its anchor
+   (`--anchor`; the reference's neutral prompt is empty). The reference trains on the concept word alone; on the toy
+   model a membrane trained so erased "circle" but not "a red striped circle" (the toy text encoder carries a word's
+   meaning in the tokens after it, which change with the context);
+2. the erase loss ‖ε_{θ+Δ}(x_t, c) − [ε_θ(x_t, n) − η(ε_θ(x_t, c) − ε_θ(x_t, n))]‖², ε_θ with the membranes off;
 3. Latent Anchoring: `anchors_per_step` random embeddings e, each a Gaussian direction accepted with probability
    1 − cos(e, c) and scaled to 0.8-1.2 × ‖c‖, and ‖ε_{θ+Δ}(x_t, e) − ε_θ(x_t, e)‖² weighted by `anchor_weight`: the
    membranes must leave the model's answer to everything else as it was.
@@ -21,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from studio.erasure import anchors, check_options
+from studio.erasure import check_options, erase_prompts
 from studio.pipeline import TOY_MODEL, default_size
 from studio.trainers.base import Loop, MethodTrainer
 
@@ -43,10 +47,10 @@ class SPMTrainer(MethodTrainer):
         from diffusers import DDIMScheduler
 
         pipe, config = loop.pipe, loop.method_config
-        neutral = anchors(config, toy=loop.config.model == TOY_MODEL)
+        pairs, _ = erase_prompts(config, toy=loop.config.model == TOY_MODEL)
         device = loop.accelerator.device
-        self.concepts = self._encode(pipe, list(config.concept), device)
-        self.neutrals = self._encode(pipe, [neutral[c] for c in config.concept], device)
+        self.concepts = self._encode(pipe, [prompt for prompt, _ in pairs], device)
+        self.neutrals = self._encode(pipe, [twin for _, twin in pairs], device)
         self.empty = self._encode(pipe, [""], device)
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         self.scheduler.set_timesteps(config.denoising_steps, device=device)
@@ -102,7 +106,7 @@ class SPMTrainer(MethodTrainer):
         config = loop.method_config
         unet = loop.models["unet"]
         membranes_on = loop.unwrap("unet")
-        pick = [int(rng.integers(len(config.concept)))]
+        pick = [int(rng.integers(len(self.concepts[0])))]
         concept = self._rows(self.concepts, pick)
         neutral = self._rows(self.neutrals, pick)
         depth = int(rng.integers(1, config.denoising_steps))

@@ -4,7 +4,7 @@ The app holds no method logic: every run it starts is a `studio` command line (s
 page, to copy) queued as a background job (`studio.ui.jobs`), and its forms are built from the
 registry and the methods' config dataclasses, so a method that is registered appears here with
 no UI code of its own. A tab exists only for a kind of method that has methods: today
-"adapter" (Train); Erase and Quantize join when their methods land.
+"adapter" (Train) and "erase" (Erase); Quantize joins when its methods land.
 
 Example:
     >>> from studio.ui.app import build_app  # doctest: +SKIP
@@ -31,12 +31,18 @@ from studio.ui.jobs import DONE, FINISHED, STOPPED, JobQueue
 
 from studio import registry
 from studio.cli import check_command
+from studio.erasure import BEFORE_AFTER_NAME
 from studio.errors import StudioError
 from studio.options import unwrap_optional
 from studio.pipeline import SCHEDULERS, TOY_MODEL
 
 # The Train tab's dataset upload (tests find the field by it).
 UPLOAD_LABEL = "images + .txt captions (same names); a T2I-Adapter's control images as NAME-condition.png"
+
+ERASE_HELP = ("Erase one or more concepts (comma-separated). On the toy model a concept is a shape, colour or texture "
+              "it draws (circle, red, striped, ...); it becomes another of its kind (the anchor), and every caption "
+              "not naming it is kept. When done, the job shows the concept and a kept one before and after, and the "
+              "erasure is in Compose & Sample's artifact list.")
 
 # ShapesWorld datasets one click away (edit the spec in the page for others).
 SHAPESWORLD_PRESETS = {
@@ -60,20 +66,29 @@ class Task:
     command: str
     config_cls: type
     hidden: tuple[str, ...]  # config fields the page sets itself (model, data, output folder, ...)
+    data: bool = True  # the form picks a dataset (ShapesWorld or an upload); an erasure has none
+    shared: type | None = None  # options every method of the kind has (EraseOptions), shown once, first
 
 
 def _tasks() -> dict[str, Task]:
+    import dataclasses
+
+    from studio.cli import ERASE_LOOP_OPTIONS
+    from studio.erasure import EraseOptions
     from studio.trainers.base import TrainConfig
 
     return {
         "adapter": Task("Train", "train", TrainConfig,
                         ("method", "model", "data", "output_dir", "resume", "cache_dir", "method_options")),
+        "erase": Task("Erase", "erase", TrainConfig,
+                      tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ERASE_LOOP_OPTIONS)
+                      + ("method", "output_dir", "resume"), data=False, shared=EraseOptions),
     }
 
 
 # -- forms from config dataclasses ------------------------------------------------------
 
-BASIC_OPTIONS = ("max_train_steps", "learning_rate")  # shown first, beside dataset and method; the rest fold away
+BASIC_OPTIONS = ("max_train_steps", "learning_rate", "concept", "preserve", "anchor")  # shown first; the rest fold away
 
 
 @dataclass(frozen=True)
@@ -110,7 +125,7 @@ class Field:
         if kind in (int, float):  # no rounding in the browser: 1.5 steps is refused, not made 2
             return gr.Number(value=self.default, label=label)
         if typing.get_origin(kind) is list:
-            return gr.Textbox(value=",".join(self.default), label=label + " (comma-separated)")
+            return gr.Textbox(value=",".join(self.default or []), label=label + " (comma-separated)")
         return gr.Textbox(value=self.default or "", label=label)
 
     def argv(self, value) -> list[str]:
@@ -128,7 +143,7 @@ class Field:
             return [] if float(value) == self.default else [self.flag, value]
         if typing.get_origin(kind) is list:
             value = ",".join(part.strip() for part in str(value).split(",") if part.strip())
-            if value == ",".join(self.default):
+            if value == ",".join(self.default or []):
                 return []
         if value == self.default:
             return []
@@ -226,8 +241,10 @@ class Studio:
     def fields(self, kind: str) -> tuple[list[Field], dict[str, list[Field]]]:
         """The shared options of a kind's command, and each of its methods' own options."""
         task = self.tasks[kind]
-        common = config_fields("common", task.config_cls, task.hidden)
-        per_method = {m.name: config_fields(m.name, m.config({}))
+        shared = config_fields("common", task.shared) if task.shared else []
+        skip = tuple(f.name for f in shared)
+        common = shared + config_fields("common", task.config_cls, task.hidden)
+        per_method = {m.name: config_fields(m.name, m.config_class, skip)
                       for m in registry.METHODS.values() if m.kind == kind}
         return common, per_method
 
@@ -235,6 +252,8 @@ class Studio:
         """The method's default learning rate on the current model, as the form shows it."""
         from studio.trainers.base import recommended_learning_rate
 
+        if registry.get(method).trainer.closed_form:  # computed in one go (RECE): no rate to give
+            return ""
         return f"{recommended_learning_rate(method, model_state['model']):g}"
 
     def _form_argv(self, kind: str, model_state: dict, method: str, source: str, spec: str, values: tuple) -> list[str]:
@@ -245,16 +264,18 @@ class Studio:
         if len(values) != len(every):
             raise StudioError(f"the form sent {len(values)} option values, expected {len(every)}; reload the page")
         method = registry.get(method).name
-        data = "upload"
-        if source == "ShapesWorld":
+        data = ["--data", "upload"]
+        if not self.tasks[kind].data:
+            data = []
+        elif source == "ShapesWorld":
             from studio.data import parse_shapesworld_spec
 
             spec = (spec or "").strip()
             parse_shapesworld_spec(spec.removeprefix("shapesworld:"))  # a bad spec fails here, not in the job
-            data = spec if spec.startswith("shapesworld:") else "shapesworld:" + spec
+            data = ["--data", spec if spec.startswith("shapesworld:") else "shapesworld:" + spec]
         option_argv = [arg for field, value in zip(every, values) if field.owner in ("common", method)
                        for arg in field.argv(value)]
-        argv = [self.tasks[kind].command, "--method", method, "--data", data, *self.model_argv(model_state), *option_argv]
+        argv = [self.tasks[kind].command, "--method", method, *data, *self.model_argv(model_state), *option_argv]
         check_command(argv)
         return argv
 
@@ -264,10 +285,15 @@ class Studio:
         """Queue `studio <command> --method M ...` from the form; returns the job picker and the command.
         Everything is checked before the job (and its folder) exists."""
         argv = self._form_argv(kind, model_state, method, source, spec, values)
-        if source != "ShapesWorld":
+        uploaded = self.tasks[kind].data and source != "ShapesWorld"
+        if uploaded:
             checked = uploads.check_dataset(files or [], self.upload_dir)
-        job = self.queue.create(self.tasks[kind].command, f"{argv[2]} on {_short(spec) if source == 'ShapesWorld' else 'upload'}")
-        if source != "ShapesWorld":
+        if not self.tasks[kind].data:
+            title = f"{argv[2]}: " + ", ".join(argv[i + 1] for i, a in enumerate(argv) if a == "--concept")
+        else:
+            title = f"{argv[2]} on {_short(spec) if source == 'ShapesWorld' else 'upload'}"
+        job = self.queue.create(self.tasks[kind].command, title)
+        if uploaded:
             uploads.copy_dataset(checked, Path(job.folder) / "data")
             argv[argv.index("--data") + 1] = str(Path(job.folder) / "data")
         self.queue.submit(job, argv + ["--output-dir", str(job.out)])
@@ -280,9 +306,9 @@ class Studio:
         from studio.cli import build_parser, train_config_from_args
 
         argv = self._form_argv(kind, model_state, method, source, spec, values)
-        config = train_config_from_args(build_parser().parse_args(argv))
+        config = train_config_from_args(build_parser().parse_args(argv), kind)
         defaults = type(config)()
-        chosen = {"method": config.method, "data": config.data}
+        chosen = {"method": config.method, **({"data": config.data} if config.data else {})}
         chosen |= {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
                    if f.name not in ("method", "data", "model", "output_dir", "method_options")
                    and getattr(config, f.name) != getattr(defaults, f.name)}
@@ -302,12 +328,13 @@ class Studio:
             train_config_from_args,
         )
 
-        config = train_config_from_args(build_parser().parse_args(join_negative_values(argv)))
+        config = train_config_from_args(build_parser().parse_args(join_negative_values(argv)), kind)
         method_config = registry.get(config.method).config(config.method_options)
         common, per_method = self.fields(kind)
         shapes = config.data.startswith("shapesworld:")
         updates = [config.method, "ShapesWorld" if shapes else "upload", config.data if shapes else gr.update()]
-        updates += [_form_value(getattr(config, f.name)) for f in common]
+        shared = {f.name for f in dataclasses.fields(self.tasks[kind].shared)} if self.tasks[kind].shared else set()
+        updates += [_form_value(getattr(method_config if f.name in shared else config, f.name)) for f in common]
         updates += [_form_value(getattr(method_config, f.name)) if name == config.method else gr.update()
                     for name, fields in per_method.items() for f in fields]
         return updates
@@ -347,8 +374,8 @@ class Studio:
         if not job_id:
             raise StudioError("pick a job first")
         job = self.queue.get(job_id)
-        if job.kind != "train":
-            raise StudioError(f"job {job_id} is a {job.kind} job; only training jobs resume from a checkpoint")
+        if job.kind not in ("train", "erase"):
+            raise StudioError(f"job {job_id} is a {job.kind} job; only training and erasing jobs resume")
         extra = ["--resume", "latest"] if (job.out / "checkpoints").is_dir() else []
         return self.status_line(self.queue.resume(job_id, extra).id)
 
@@ -383,12 +410,16 @@ class Studio:
             done = last["step"] / last["total"]
             progress = (f"<progress value='{last['step']}' max='{last['total']}' style='width:100%'></progress>"
                         f"<div>step {last['step']} / {last['total']} ({done:.0%}) · loss {last['loss']:.4f}</div>")
+        elif job.status in FINISHED:
+            progress = ""
         else:
             progress = "<progress style='width:100%'></progress><div>starting (loading the model, caching the data)</div>"
         frame = pd.DataFrame({"step": sorted(rows), "loss": [rows[s]["loss"] for s in sorted(rows)]}) if rows else empty
         gallery = []
         for folder in sorted((job.out / "validation").glob("step-*"), key=lambda p: int(p.name[5:]))[-2:]:
             gallery += [(str(p), folder.name) for p in sorted(folder.glob("*.png"))]
+        if (job.out / BEFORE_AFTER_NAME).is_file():  # an erasure's prompts before (left) and after (right)
+            gallery = [(str(job.out / BEFORE_AFTER_NAME), "before (left) | after (right): the erased concept, then one kept")]
         artifacts = job_artifacts(job.out)
         artifact = str(downloadable(artifacts[0])) if job.status == DONE and artifacts else None
         return self.status_line(job_id), progress, frame, gallery, artifact, self.queue.log_tail(job_id, 8), job.command
@@ -787,13 +818,17 @@ def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State, time
             with gr.Column(scale=1):
                 method = gr.Dropdown(methods, value=methods[0], label="method")
                 summary = gr.Markdown(registry.get(methods[0]).summary)
-                source = gr.Radio(["ShapesWorld", "upload"], value="ShapesWorld", label="dataset")
-                first_preset = next(iter(SHAPESWORLD_PRESETS))
-                preset = gr.Dropdown(list(SHAPESWORLD_PRESETS), value=first_preset, label="ShapesWorld preset")
-                spec = gr.Textbox(SHAPESWORLD_PRESETS[first_preset], label="ShapesWorld spec")
-                files = gr.File(file_count="multiple", visible=False,
-                                label=UPLOAD_LABEL,
-                                elem_id=f"{task.command}-upload")
+                if task.data:
+                    source = gr.Radio(["ShapesWorld", "upload"], value="ShapesWorld", label="dataset")
+                    first_preset = next(iter(SHAPESWORLD_PRESETS))
+                    preset = gr.Dropdown(list(SHAPESWORLD_PRESETS), value=first_preset, label="ShapesWorld preset")
+                    spec = gr.Textbox(SHAPESWORLD_PRESETS[first_preset], label="ShapesWorld spec")
+                    files = gr.File(file_count="multiple", visible=False,
+                                    label=UPLOAD_LABEL,
+                                    elem_id=f"{task.command}-upload")
+                else:  # learns from the model itself: no dataset fields (the handlers' places kept empty)
+                    source, spec, files = gr.State("none"), gr.State(""), gr.State(None)
+                    gr.Markdown(ERASE_HELP)
                 by_name = {}
                 with gr.Row():
                     for f in common:
@@ -822,14 +857,16 @@ def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State, time
             load_job = gr.Button("Load the picked job's settings", size="sm")
             save = gr.Button("Save settings as TOML", size="sm")
             load_file = gr.UploadButton("Load settings from TOML", file_types=[".toml"], size="sm")
-        saved_file = gr.File(label="settings file (studio train --config FILE reads it)", visible=False, interactive=False)
+        saved_file = gr.File(label=f"settings file (studio {task.command} --config FILE reads it)", visible=False,
+                             interactive=False)
         command = gr.Code(label="the same run from the command line", language="shell", interactive=False)
         job = gr.Dropdown(studio.job_choices(task.command), label="job", value=None, allow_custom_value=True)
         status = gr.Markdown()
         progress = gr.HTML()
         with gr.Row():
             loss = gr.LinePlot(x="step", y="loss", title="loss", height=250)
-            gallery = gr.Gallery(label="validation samples (latest steps)", columns=4, height=250)
+            gallery = gr.Gallery(label="validation samples (latest steps)" if task.data else
+                                 "before and after: the erased concept, then one kept", columns=4, height=250)
         artifact = gr.File(label="artifact", interactive=False)
         log = gr.Textbox(label="log", lines=8, max_lines=8, autoscroll=True)
 
@@ -838,15 +875,16 @@ def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State, time
     if "learning_rate" in by_name:  # a method (or model) change brings that method's rate
         for event in (method.change, model_state.change):
             event(studio.recommended_rate, [method, model_state], by_name["learning_rate"], api_visibility="private")
-    source.change(lambda s: [gr.update(visible=s == "ShapesWorld")] * 2 + [gr.update(visible=s == "upload")],
-                  source, [preset, spec, files], api_visibility="private")
-    preset.change(lambda p: SHAPESWORLD_PRESETS[p], preset, spec, api_visibility="private")
+    if task.data:
+        source.change(lambda s: [gr.update(visible=s == "ShapesWorld")] * 2 + [gr.update(visible=s == "upload")],
+                      source, [preset, spec, files], api_visibility="private")
+        preset.change(lambda p: SHAPESWORLD_PRESETS[p], preset, spec, api_visibility="private")
     start.click(functools.partial(studio.start, kind), [model_state, method, source, spec, files, *common_inputs, *inputs],
                 [job, command], api_name=f"start_{task.command}", show_progress="minimal")
-    form = [method, source, spec, *common_inputs, *inputs]
+    form = [method, source, spec, *common_inputs, *inputs]  # (an erasure's source and spec: empty states)
     # A refused Start marks its outputs with an error badge; editing the form (the cause) clears it.
-    gr.on([field.change for field in form], lambda: gr.update(), None, command, show_progress="hidden",
-          api_visibility="private")
+    gr.on([field.change for field in form if not isinstance(field, gr.State)], lambda: gr.update(), None, command,
+          show_progress="hidden", api_visibility="private")
     load_job.click(functools.partial(studio.load_job_settings, kind), job, form, api_name=f"load_job_settings_{task.command}")
     load_file.upload(functools.partial(studio.load_settings_file, kind), load_file, form,
                      api_name=f"load_settings_{task.command}")

@@ -1,0 +1,48 @@
+"""ANT: the saliency mask, the sparse artifact through the plugin, a short run that trains only salient weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from studio import plugin
+from studio.adapters import ant
+from studio.errors import StudioError
+from studio.pipeline import load
+from studio.trainers.base import TrainConfig, train
+
+
+def test_the_mask_keeps_the_most_salient_entries_of_every_map():
+    first = torch.tensor([[9.0, -8.0], [0.1, 0.2]])
+    second = torch.tensor([[7.0, 0.0], [-6.0, 0.1]])
+    assert ant.salient_mask([first], 0.5).tolist() == [[True, True], [False, False]]
+    assert ant.salient_mask([first, second], 0.5).tolist() == [[True, False], [False, False]]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ant")
+    return train(TrainConfig(method="ant", output_dir=str(folder), max_train_steps=3, validation_steps=0,
+                             method_options={"concept": ["circle"], "saliency_prompts": 2, "saliency_seeds": 1}))
+
+
+def test_only_salient_weights_change_and_remove_restores(short_run):
+    tensors = load_file(str(short_run.artifact))
+    changed = sum(v.numel() for k, v in tensors.items() if k.endswith(ant.VALUES))
+    total = sum(m.weight.numel() for m in ant.target_layers(load("toy").unet).values())
+    assert 0 < changed <= 0.5 * total  # at most the salient half of each tensor (fewer: the maps are intersected)
+    pipe = load("toy")
+    sample, text = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 128)
+    with torch.no_grad():
+        original = pipe.unet(sample, 500, text).sample
+        name = plugin.apply(pipe, short_run.artifact)
+        assert not torch.equal(pipe.unet(sample, 500, text).sample, original)
+        plugin.remove(pipe, name)
+        assert torch.equal(pipe.unet(sample, 500, text).sample, original)
+
+
+def test_preserve_steps_must_leave_steps_to_erase(tmp_path):
+    with pytest.raises(StudioError, match="--preserve-steps 50 leaves no step to erase"):
+        train(TrainConfig(method="ant", output_dir=str(tmp_path), max_train_steps=1,
+                          method_options={"concept": ["circle"], "preserve_steps": 50}))
