@@ -174,6 +174,37 @@ def res_table() -> str:
     return "\n".join(out)
 
 
+def _rate(cell) -> str:
+    """`0.05 [0.01, 0.10]` from a {"value", "ci"} entry; — where there is none."""
+    if cell is None:
+        return "—"
+    return f"{cell['value']:.2f} [{cell['ci'][0]:.2f}, {cell['ci'][1]:.2f}]"
+
+
+def erase_table() -> str:
+    """Concept erasure: per method and concept, erase/synonym/adversarial rates, preservation, FD beside the floor."""
+    path = RESULTS / "erase.json"
+    if not path.is_file():
+        return ""
+    data = json.loads(path.read_text())
+    rows = ["| method | concept | erase_rate | synonym_rate (prompts) | preservation | fd_other (floor) | "
+            "adversarial_rate | seconds |", "|---|---|---|---|---|---|---|---|"]
+    for method, columns in data.items():
+        if not isinstance(columns, dict) or method == "protocol":
+            continue
+        for concept, r in columns.items():
+            floor = data["none"][concept]["fd_other"]
+            preservation = r["preservation"]
+            preservation = f"{preservation['value']:+.3f} [{preservation['ci'][0]:+.3f}, {preservation['ci'][1]:+.3f}]" \
+                if isinstance(preservation, dict) else f"{preservation:+.3f}"
+            per = "; ".join(f"{c} {v['value']:.2f}" for c, v in r.get("per_concept", {}).items())
+            rows.append(f"| {method} | {concept} | {_rate(r['erase_rate'])}{f' ({per})' if per else ''} | "
+                        f"{_rate(r['synonym_rate'])} ({r['synonym_prompts']}) | {preservation} | "
+                        f"{r['fd_other']:.1f} ({floor:.1f}) | {r['adversarial_rate']:.2f} | {r.get('seconds', 0):.1f} |")
+    extra = [f"{k}: {v}" for k, v in data.items() if not isinstance(v, dict)]
+    return "\n".join(rows + ([""] + extra if extra else []))
+
+
 if __name__ == "__main__":
     print(personalize_table())
     print()
@@ -184,3 +215,5 @@ if __name__ == "__main__":
     print(t2i_table())
     print()
     print(res_table())
+    print()
+    print(erase_table())

@@ -25,14 +25,17 @@ from studio.errors import StudioError
 
 TOY_MODEL = "toy"
 
+# DDIM and DDPM clip their predicted clean sample to [-1, 1] unless told not to: right for pixels, ruinous for
+# latents (the toy model drew no square for "a red square" with 20 DDIM steps). A latent model's own DDIM config
+# (SD's) sets clip_sample false; one made from another scheduler's config did not.
 SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
+    "ddim": ("DDIMScheduler", {"clip_sample": False}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}),
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "dpm++-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "pndm": ("PNDMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {"clip_sample": False}),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 
@@ -279,13 +282,23 @@ def set_scheduler(pipe, name: str) -> None:
         >>> pipe = load("toy"); set_scheduler(pipe, "ddim"); type(pipe.scheduler).__name__
         'DDIMScheduler'
     """
+    pipe.scheduler = make_scheduler(pipe.scheduler.config, name)
+
+
+def make_scheduler(config, name: str):
+    """A new scheduler of `SCHEDULERS[name]` with the noise schedule of `config` (a scheduler's config); the
+    erasures sample their training trajectories with `make_scheduler(pipe.scheduler.config, "ddim")`.
+
+    Example:
+        >>> type(make_scheduler(load("toy").scheduler.config, "ddim")).__name__
+        'DDIMScheduler'
+    """
     import diffusers
 
     if name not in SCHEDULERS:
         raise StudioError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     class_name, overrides = SCHEDULERS[name]
-    scheduler_cls = getattr(diffusers, class_name)
-    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **overrides)
+    return getattr(diffusers, class_name).from_config(config, **overrides)
 
 
 def default_size(pipe) -> tuple[int, int]:

@@ -32,6 +32,18 @@ def test_schedulers_and_sizes(toy_pipe, scheduler):
     assert images[0].size == (48, 40)
 
 
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "euler-a", "dpm++", "dpm++-sde", "pndm", "ddpm", "unipc"])
+def test_every_scheduler_draws_what_is_asked(scheduler):
+    """DDIM and DDPM made from the toy model's DPM-Solver config once clipped their latents to [-1, 1] and drew no
+    square for "a red square"; every scheduler must draw it."""
+    from studio.eval import score
+    from studio.pipeline import load
+
+    images = sample(load("toy"), ["a red square"], seeds=list(range(8)), steps=20, scheduler=scheduler,
+                    progress=False).images
+    assert score(images).rate("shape", "square") >= 0.6
+
+
 def test_cli_sample(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# a comment\na red circle\n\na purple striped square\n")

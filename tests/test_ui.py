@@ -403,6 +403,22 @@ def test_every_tab_in_headless_chromium(trained, studio_server, tmp_path):
         expect(page.get_by_text("cat.jpg is not a readable image")).to_be_visible(timeout=30_000)
         page.wait_for_timeout(1000)  # the message slides in
         page.screenshot(path=shots / "upload-error.png")
+
+        # Erase: a concept erased with RECE (closed form, seconds); the job shows the before/after sheet, and a
+        # concept the toy model does not draw is refused in the page.
+        tab("Erase").click()
+        page.get_by_label("method", exact=True).last.click()
+        page.get_by_role("option", name="rece", exact=True).click()
+        concept = page.get_by_label("concept (comma-separated)", exact=True)
+        concept.fill("dog")
+        page.get_by_role("button", name="Start", exact=True).last.click()
+        expect(page.get_by_text("concept 'dog' is not one the toy model draws")).to_be_visible(timeout=30_000)
+        concept.fill("circle")
+        page.get_by_role("button", name="Start", exact=True).last.click()
+        expect(page.get_by_text(re.compile(r"^done — rece: circle"))).to_be_visible(timeout=120_000)
+        expect(page.get_by_text("before (left) | after (right)").first).to_be_visible(timeout=30_000)
+        page.wait_for_timeout(1000)  # the gallery draws
+        page.screenshot(path=shots / "erase.png", full_page=True)
         browser.close()
     assert len(list(shots.glob("*.png"))) >= 5
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from studio.erasure import check_options, erase_prompts
 from studio.errors import StudioError
-from studio.pipeline import TOY_MODEL, default_size
+from studio.pipeline import TOY_MODEL, default_size, make_scheduler
 from studio.trainers.base import Loop, MethodTrainer
 
 
@@ -62,15 +62,13 @@ class ANTTrainer(MethodTrainer):
                                   do_classifier_free_guidance=False)[0].float()
 
     def prepare(self, loop: Loop) -> None:
-        from diffusers import DDIMScheduler
-
         pipe, config, device = loop.pipe, loop.method_config, loop.accelerator.device
         if "text_encoder_2" in pipe.components:
             raise StudioError("--method ant runs on SD1.x/SD2.x-layout models; for SDXL use --method spm or rece")
         pairs, _ = erase_prompts(config, toy=loop.config.model == TOY_MODEL)
         self.prompts = self._encode(pipe, [prompt for prompt, _ in pairs], device)
         self.empty = self._encode(pipe, [""], device)
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.scheduler = make_scheduler(pipe.scheduler.config, "ddim")
         self.scheduler.set_timesteps(config.denoising_steps, device=device)
         width, height = default_size(pipe)
         self.latent_shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)

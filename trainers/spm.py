@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from studio.erasure import check_options, erase_prompts
-from studio.pipeline import TOY_MODEL, default_size
+from studio.pipeline import TOY_MODEL, default_size, make_scheduler
 from studio.trainers.base import Loop, MethodTrainer
 
 ANCHOR_SCALE = (0.8, 1.2)  # an anchor embedding's norm, relative to the concept's (the reference's range)
@@ -44,15 +44,13 @@ class SPMTrainer(MethodTrainer):
 
     @torch.no_grad()
     def prepare(self, loop: Loop) -> None:
-        from diffusers import DDIMScheduler
-
         pipe, config = loop.pipe, loop.method_config
         pairs, _ = erase_prompts(config, toy=loop.config.model == TOY_MODEL)
         device = loop.accelerator.device
         self.concepts = self._encode(pipe, [prompt for prompt, _ in pairs], device)
         self.neutrals = self._encode(pipe, [twin for _, twin in pairs], device)
         self.empty = self._encode(pipe, [""], device)
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.scheduler = make_scheduler(pipe.scheduler.config, "ddim")
         self.scheduler.set_timesteps(config.denoising_steps, device=device)
         width, height = default_size(pipe)
         self.latent_shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)

@@ -452,7 +452,9 @@ class Studio:
         summary_file = self.data_dir / "jobs" / job_id / "out" / "summary.json"
         if summary_file.is_file():
             summary = json.loads(summary_file.read_text())
-            parts += [_data_label(summary["config"]["data"]), f"{summary['steps']} steps"]
+            concepts = summary["config"]["method_options"].get("concept")
+            what = f"erases {', '.join(concepts)}" if concepts else _data_label(summary["config"]["data"])
+            parts += [what] + ([f"{summary['steps']} steps"] if summary["steps"] else [])
         ended = self.queue.get(job_id).ended
         if ended:
             parts.append(time.strftime("%b %d %H:%M", time.localtime(ended)))
