@@ -75,7 +75,7 @@ def salient_mask(gradients: list[torch.Tensor], keep: float) -> torch.Tensor:
     mask = None
     for gradient in gradients:
         magnitude = gradient.abs().flatten()
-        count = max(1, int(round(keep * magnitude.numel())))
+        count = max(1, round(keep * magnitude.numel()))
         top = torch.zeros_like(magnitude, dtype=torch.bool)
         top[torch.topk(magnitude, count).indices] = True  # the most salient (the reference kept the least: a defect)
         mask = top if mask is None else mask & top

@@ -159,7 +159,7 @@ def erase(pipe, config: RECEConfig, toy: bool) -> dict[str, torch.Tensor]:
     embedded = encode(pipe, prompts + kept_prompts)
     erase_pairs = [(embedded[2 * i], embedded[2 * i + 1]) for i in range(len(pairs))]
     kept = list(embedded[len(prompts):])
-    scales = dict(lamb=config.lamb, erase_scale=config.erase_scale, preserve_scale=config.preserve_scale)
+    scales = {"lamb": config.lamb, "erase_scale": config.erase_scale, "preserve_scale": config.preserve_scale}
     edit = uce_map(erase_pairs, kept, **scales)
     weights = {name: w @ edit for name, w in original.items()}
 

@@ -300,7 +300,11 @@ def train_config_from_args(args: argparse.Namespace, kind: str = "adapter"):
 
     from studio import registry
     from studio.options import config_from_options, flag
-    from studio.trainers.base import TrainConfig, check_prior_data, check_text_encoder_options
+    from studio.trainers.base import (
+        TrainConfig,
+        check_prior_data,
+        check_text_encoder_options,
+    )
 
     values: dict = {}
     if args.config_file:
@@ -340,7 +344,12 @@ def train_config_from_args(args: argparse.Namespace, kind: str = "adapter"):
     config = config_from_options(TrainConfig, {k: v for k, v in values.items() if k in train_fields})
     config.method_options = options
     if kind == "erase":  # what can be checked without the model: the concepts (on the toy model, its vocabulary)
-        from studio.erasure import EraseOptions, check_options, erase_prompts, model_tokenizer
+        from studio.erasure import (
+            EraseOptions,
+            check_options,
+            erase_prompts,
+            model_tokenizer,
+        )
 
         erase_options = EraseOptions(**{k: options[k] for k in ("concept", "preserve", "anchor") if k in options})
         check_options(erase_options, model_tokenizer(config.model))
@@ -393,7 +402,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from studio.artifact import read_header
+    from studio import registry
+    from studio.artifact import artifact_file, read_header
     from studio.convert import (
         from_kohya,
         from_lycoris,
@@ -405,10 +415,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
         to_lycoris,
         to_peft,
     )
-
-    from studio import registry
-
-    from studio.artifact import artifact_file
 
     source = artifact_file(args.file)
     if not source.is_file():

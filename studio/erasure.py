@@ -20,8 +20,8 @@ Example:
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from studio.errors import StudioError
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
+from studio.adapters import ant
+from studio.trainers.base import TrainConfig, train
 
 from studio import plugin
-from studio.adapters import ant
 from studio.errors import StudioError
 from studio.pipeline import load
-from studio.trainers.base import TrainConfig, train
 
 
 def test_the_mask_keeps_the_most_salient_entries_of_every_map():

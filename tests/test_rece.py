@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from studio.adapters import rece
+from studio.trainers.base import TrainConfig, train
 
 from studio import plugin
-from studio.adapters import rece
 from studio.cli import main
 from studio.erasure import EraseOptions, erase_prompts
 from studio.errors import StudioError
@@ -16,7 +17,6 @@ from studio.eval import score
 from studio.pipeline import load
 from studio.sample import SampleSettings, generate
 from studio.toy.captions import caption_from_parts
-from studio.trainers.base import TrainConfig, train
 
 SHAPES = ["circle", "square", "triangle", "cross", "diamond"]
 COLORS = ["red", "orange", "yellow", "green", "blue", "purple"]

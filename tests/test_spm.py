@@ -8,12 +8,11 @@ import dataclasses
 import pytest
 import torch
 from safetensors.torch import load_file
+from studio.adapters import spm
 
 from studio import plugin
-from studio.adapters import spm
 from studio.artifact import fingerprint, save_artifact
 from studio.convert import to_kohya
-from studio.pipeline import load
 from studio.testing import perturb_trainable, tiny_sd_pipeline
 
 

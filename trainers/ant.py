@@ -30,11 +30,11 @@ import copy
 import numpy as np
 import torch
 import torch.nn.functional as F
+from studio.trainers.base import Loop, MethodTrainer
 
 from studio.erasure import check_options, erase_prompts
 from studio.errors import StudioError
 from studio.pipeline import TOY_MODEL, default_size, make_scheduler
-from studio.trainers.base import Loop, MethodTrainer
 
 
 class ANTTrainer(MethodTrainer):

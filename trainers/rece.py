@@ -14,10 +14,10 @@ Example:
 from __future__ import annotations
 
 import torch
+from studio.trainers.base import Loop, MethodTrainer
 
 from studio.erasure import check_options
 from studio.pipeline import TOY_MODEL
-from studio.trainers.base import Loop, MethodTrainer
 
 
 class RECETrainer(MethodTrainer):

@@ -24,10 +24,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from studio.trainers.base import Loop, MethodTrainer
 
 from studio.erasure import check_options, erase_prompts
 from studio.pipeline import TOY_MODEL, default_size, make_scheduler
-from studio.trainers.base import Loop, MethodTrainer
 
 ANCHOR_SCALE = (0.8, 1.2)  # an anchor embedding's norm, relative to the concept's (the reference's range)
 

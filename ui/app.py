@@ -73,9 +73,10 @@ class Task:
 def _tasks() -> dict[str, Task]:
     import dataclasses
 
+    from studio.trainers.base import TrainConfig
+
     from studio.cli import ERASE_LOOP_OPTIONS
     from studio.erasure import EraseOptions
-    from studio.trainers.base import TrainConfig
 
     return {
         "adapter": Task("Train", "train", TrainConfig,

@@ -19,6 +19,8 @@ single concepts of the three kinds, an object (`circle`), an attribute (`red`) a
   embedding was optimised against the row's model (`ATTACK`: the same steps, learning rate and renders for every
   row) to denoise renders of the concept: textual inversion, the attack of Pham et al. 2024 on erasures.
 - `seconds`: time to erase (the run's own `seconds`); `rece_sd15_seconds`: RECE on SD1.5-shaped text encoder and UNet.
+- `spm_transfer`: the circle SPM applied unchanged to a derived model (`spm_transfer`), its erase_rate there beside
+  the derived model's own.
 
 Example:
     $ studio bench erase --json --output benchmarks/results/erase.json
@@ -52,6 +54,11 @@ VALUES = {"shape": ["circle", "square", "triangle", "cross", "diamond"],
 # (words the toy model never learned: they count only if the unedited model draws red for them).
 SYNONYMS = {"circle": ["disk", "round shape"], "striped": ["stripy"],
             "red": ["crimson", "scarlet", "blood-coloured", "cherry"]}
+# Step budgets (every other option is the method's default). SPM, 300 steps at the toy learning rate 3e-3: circle's
+# erase_rate 0.00 on 32 prompts; 800 steps at 1e-3 had erased at 300 and lost it again by 800.
+# ANT, the paper's 250 iterations at the toy learning rate 2e-3 (circle, 32 prompts: erase_rate 0.38, preservation
+# -0.15; at 1e-3 with the saliency mask nothing was erased, without the mask everything was, at preservation -0.78).
+RECIPES = {"spm": {"max_train_steps": 300}, "ant": {"max_train_steps": 250}}
 ATTACK = {"steps": 150, "learning_rate": 5e-3, "batch_size": 8, "renders": 64, "samples": 64}
 ATTACK_WORD = "<*>"
 SAMPLE_STEPS, GUIDANCE = 20, 5.0
@@ -179,7 +186,7 @@ def run_erasure(method: str, column: str, folder: Path) -> tuple[Path, float]:
     from studio.trainers.base import TrainConfig, train
 
     result = train(TrainConfig(method=method, output_dir=str(folder / f"{method}-{column}"), validation_steps=0,
-                               method_options={"concept": erased(column)}))
+                               method_options={"concept": erased(column)}, **RECIPES.get(method, {})))
     return result.artifact, result.seconds
 
 
@@ -229,6 +236,28 @@ def measure(pipe, column: str, negative: str, n_prompts: int, n_other: int, seed
         result["fd_other"] = round(frechet_distance(other_features, reference["features"]), 3)
     result["adversarial_rate"] = round(attack(pipe, concepts, seed=400, negative=negative), 4)
     return result
+
+
+DERIVED_LORA = {"data": "shapesworld:shape=seen,count=64,caption={caption},seed=7", "max_train_steps": 200,
+                "validation_steps": 0}  # a fine-tune on the same world: what a derived checkpoint is
+
+
+def spm_transfer(spm_artifact: Path, n_prompts: int, seeds: list[int], evaluator, folder: Path) -> dict:
+    """An SPM trained on the toy model, applied unchanged to a derived model (the toy model with a LoRA fine-tune
+    merged into its weights by diffusers' own `load_lora_weights` + `fuse_lora` + `unload_lora_weights`)."""
+    from studio.trainers.base import TrainConfig, train
+
+    lora = train(TrainConfig(method="lora", output_dir=str(folder / "derived-lora"), **DERIVED_LORA)).artifact
+    pipe = load("toy")
+    pipe.load_lora_weights(str(lora))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    prompts = concept_prompts("circle", ["circle"], n_prompts, seed=100)
+    before = shows(score(draw(pipe, prompts, seeds), evaluator=evaluator).rows, "circle")
+    plugin.apply(pipe, spm_artifact)
+    after = shows(score(draw(pipe, prompts, seeds), evaluator=evaluator).rows, "circle")
+    return {"derived_model": "toy + a LoRA (200 steps on 64 ShapesWorld renders) fused by diffusers",
+            "erase_rate_on_derived": _share(after), "derived_without_spm": _share(before)}
 
 
 def rece_sd15_seconds() -> float:
@@ -289,6 +318,8 @@ def erase_bench(rows: list[str] | None = None, columns: list[str] | None = None,
                 else:
                     artifact, seconds = run_erasure(row, column, folder)
                     plugin.apply(pipe, artifact)
+                    if row == "spm" and column == "circle":
+                        result["spm_transfer"] = spm_transfer(artifact, n_prompts, seeds, evaluator, folder)
                 measured = measure(pipe, column, negative, n_prompts, n_other, seeds, evaluator, reference[column])
                 measured["seconds"] = round(seconds, 2)
                 result[row][column] = measured
