@@ -250,9 +250,9 @@ class SPMAttachment:
         gates = self.prompt_gates
         if gates is None:
             return torch.full((batch,), self.scale, device=device, dtype=dtype)
-        if batch % len(gates):
-            raise StudioError(f"SPM {self.name}: the UNet got a batch of {batch} for {len(gates)} prompts; pass the "
-                              "prompts of this very call to studio.plugin.call_inputs(pipe, prompts=...)")
+        if batch not in (len(gates), 2 * len(gates)):  # the images, or their negative half then their positive half
+            raise StudioError(f"SPM {self.name}: the UNet got a batch of {batch} for {len(gates)} prompts; give "
+                              "studio.plugin.set_prompts(pipe, prompts) one prompt per image of the coming call")
         return (gates.repeat(batch // len(gates)) * self.scale).to(device, dtype)
 
 

@@ -30,6 +30,8 @@ TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a painting of {}", "a dra
              "a close-up of {}", "{}, high quality")
 # On the toy model: the categories a concept can belong to, and the values the context captions combine.
 TOY_CATEGORIES = ("shape", "color", "texture")
+TOY_POSITIONS = ("center", "top left", "top right", "bottom left", "bottom right")
+TOY_BACKGROUNDS = ("white", "black", "gray")
 
 
 @dataclass
@@ -171,14 +173,18 @@ def erase_prompts(options: EraseOptions, toy: bool) -> tuple[list[tuple[str, str
         toy_category(concept)
     values = _toy_values()
     pairs, kept = [], [""]
-    # Each erased concept alone, then every caption over (shape) x (colour or none) x (texture or none).
+    # Each erased concept alone, then every caption over shape x (colour or none) x (texture or none) x (position or
+    # none) x (background or none): 4,200 captions, encoded in seconds by the toy text encoder.
     pairs += [(c, to[c]) for c in options.concept]
-    for shape, color, texture in itertools.product(values["shape"], [None, *values["color"]], [None, *values["texture"]]):
+    for shape, color, texture, position, background in itertools.product(
+            values["shape"], [None, *values["color"]], [None, *values["texture"]], [None, *TOY_POSITIONS],
+            [None, *TOY_BACKGROUNDS]):
         named = {"shape": shape, "color": color, "texture": texture}
-        prompt = caption_from_parts(shape, color=color, texture=texture)
+        prompt = caption_from_parts(shape, color=color, texture=texture, position=position, background=background)
         if any(v in options.concept for v in named.values()):
             swapped = {k: to.get(v, v) if v else v for k, v in named.items()}
-            pairs.append((prompt, caption_from_parts(swapped["shape"], color=swapped["color"], texture=swapped["texture"])))
+            pairs.append((prompt, caption_from_parts(swapped["shape"], color=swapped["color"], texture=swapped["texture"],
+                                                     position=position, background=background)))
         else:
             kept.append(prompt)
     kept += [p for p in options.preserve or [] if p not in kept]

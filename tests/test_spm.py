@@ -99,3 +99,18 @@ def test_a_file_for_another_model_is_refused_and_nothing_is_attached(tmp_path):
     with pytest.raises(StudioError, match="another"):
         plugin.apply(pipe, path)
     assert plugin.applied(pipe) == {}
+
+
+@pytest.mark.slow
+def test_a_short_run_erases_circle_and_keeps_the_rest(tmp_path):
+    """A small version of `studio bench erase` (its recipe: 300 steps, the toy defaults); about two minutes."""
+    from studio.trainers.base import TrainConfig, train
+
+    from studio.bench.erase import RECIPES, quick_check
+
+    result = train(TrainConfig(method="spm", output_dir=str(tmp_path), validation_steps=0,
+                               method_options={"concept": ["circle"]}, **RECIPES["spm"]))
+    measured = quick_check(result.artifact, ["circle"])
+    assert measured["before"]["circle"] >= 0.9
+    assert measured["after"]["circle"] <= 0.1
+    assert measured["preservation"] >= -0.05

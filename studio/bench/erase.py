@@ -260,6 +260,30 @@ def spm_transfer(spm_artifact: Path, n_prompts: int, seeds: list[int], evaluator
             "erase_rate_on_derived": _share(after), "derived_without_spm": _share(before)}
 
 
+def quick_check(artifact: Path, concepts: list[str], n_prompts: int = 32, n_other: int = 32) -> dict:
+    """A small version of the bench for tests: per concept the share of samples showing it without and with the
+    erasure at `artifact`, and the preservation on `n_other` captions naming none (one seed each).
+
+    Example:
+        >>> quick_check(Path("outputs/no-circle/rece.safetensors"), ["circle"])  # doctest: +SKIP
+        {'before': {'circle': 1.0}, 'after': {'circle': 0.0}, 'preservation': 0.0}
+    """
+    pipe = load("toy")
+    evaluator = load_evaluator()
+    prompts = {c: concept_prompts(c, concepts, n_prompts, seed=100 + i) for i, c in enumerate(concepts)}
+    others, asked = other_prompts(concepts, n_other, seed=300)
+
+    def measure() -> tuple[dict, float]:
+        rates = {c: float(np.mean(shows(score(draw(pipe, p, [0]), evaluator=evaluator).rows, c))) for c, p in prompts.items()}
+        table = score(draw(pipe, others, [0]), asked, evaluator)
+        return rates, float(np.mean([[row[f"{a}_ok"] for a in ACCURACY_ATTRIBUTES] for row in table.rows]))
+
+    before, accuracy = measure()
+    plugin.apply(pipe, artifact)
+    after, accuracy_after = measure()
+    return {"before": before, "after": after, "preservation": round(accuracy_after - accuracy, 4)}
+
+
 def rece_sd15_seconds() -> float:
     """RECE of one concept on an SD1.5-shaped text encoder and UNet (random weights): the closed form's time."""
     from diffusers import UNet2DConditionModel
