@@ -101,34 +101,29 @@ def uce_map(erase: list[tuple[torch.Tensor, torch.Tensor]], preserve: list[torch
     """
     dim = (erase[0][0] if erase else preserve[0]).shape[1]
     eye = torch.eye(dim, dtype=torch.float64)
-    kept = sum((k.double().cpu().T @ k.double().cpu() for k in preserve), torch.zeros(dim, dim, dtype=torch.float64))
-    towards = lamb * eye + preserve_scale * kept
-    inputs = lamb * eye + preserve_scale * kept
-    for concept, anchor in erase:
-        c, a = concept.double().cpu(), anchor.double().cpu()
-        towards = towards + erase_scale * a.T @ c
-        inputs = inputs + erase_scale * c.T @ c
+    zeros = torch.zeros(0, dim, dtype=torch.float64)
+    kept = torch.cat([k.double().cpu() for k in preserve]) if preserve else zeros
+    concepts = torch.cat([c.double().cpu() for c, _ in erase]) if erase else zeros
+    anchors = torch.cat([a.double().cpu() for _, a in erase]) if erase else zeros
+    kept_gram = preserve_scale * kept.T @ kept
+    towards = lamb * eye + erase_scale * anchors.T @ concepts + kept_gram
+    inputs = lamb * eye + erase_scale * concepts.T @ concepts + kept_gram
     return torch.linalg.solve(inputs, towards, left=False)
 
 
-def adversarial_embedding(edited: list[torch.Tensor], original: list[torch.Tensor], concept: torch.Tensor,
-                          regularization: float) -> torch.Tensor:
-    """The token embeddings that make the `edited` projections output what the `original` ones output for
-    `concept` (tokens x in): c' = (Σ W'ᵀW' + ρ I)⁻¹ (Σ W'ᵀ W⁰) c, least squares over every projection.
+def adversarial_embedding(gram: torch.Tensor, edit: torch.Tensor, concept: torch.Tensor, regularization: float) -> torch.Tensor:
+    """The token embeddings that make the edited projections W' = W⁰ T (`edit` = T) output what the original W⁰
+    output for `concept` (tokens x in), least squares over every projection: c' = (Σ W'ᵀW' + ρ I)⁻¹ (Σ W'ᵀ W⁰) c,
+    with Σ W'ᵀW' = Tᵀ G T and Σ W'ᵀW⁰ = Tᵀ G from `gram` G = Σ W⁰ᵀW⁰ (so no edited weight is ever formed).
 
     Example:
-        >>> W0 = torch.eye(2); W1 = torch.diag(torch.tensor([1.0, 0.5]))
-        >>> adversarial_embedding([W1], [W0], torch.tensor([[1.0, 1.0]]), 1e-6).round(decimals=3)
+        >>> T = torch.diag(torch.tensor([1.0, 0.5])).double()
+        >>> adversarial_embedding(torch.eye(2).double(), T, torch.tensor([[1.0, 1.0]]), 1e-6).round(decimals=3)
         tensor([[1., 2.]])
     """
     dim = concept.shape[1]
-    gram = regularization * torch.eye(dim, dtype=torch.float64)
-    cross = torch.zeros(dim, dim, dtype=torch.float64)
-    for w1, w0 in zip(edited, original):
-        w1, w0 = w1.double().cpu(), w0.double().cpu()
-        gram = gram + w1.T @ w1
-        cross = cross + w1.T @ w0
-    return (torch.linalg.solve(gram, cross) @ concept.double().cpu().T).T.to(concept.dtype)
+    edited_gram = edit.T @ gram @ edit + regularization * torch.eye(dim, dtype=torch.float64)
+    return (torch.linalg.solve(edited_gram, edit.T @ gram) @ concept.double().cpu().T).T.to(concept.dtype)
 
 
 @torch.no_grad()
@@ -153,23 +148,24 @@ def erase(pipe, config: RECEConfig, toy: bool) -> dict[str, torch.Tensor]:
     from studio.erasure import anchors, erase_prompts
 
     layers = projections(pipe.unet)
-    original = {name: layer.weight.detach().double().cpu() for name, layer in layers.items()}
     pairs, kept_prompts = erase_prompts(config, toy)
     prompts = [p for pair in pairs for p in pair]
     embedded = encode(pipe, prompts + kept_prompts)
     erase_pairs = [(embedded[2 * i], embedded[2 * i + 1]) for i in range(len(pairs))]
     kept = list(embedded[len(prompts):])
     scales = {"lamb": config.lamb, "erase_scale": config.erase_scale, "preserve_scale": config.preserve_scale}
+    # Every projection is edited on its input side, W' = W T: the edits compose as matrices, and the weights are
+    # touched once, at the end.
     edit = uce_map(erase_pairs, kept, **scales)
-    weights = {name: w @ edit for name, w in original.items()}
 
-    to = anchors(config, toy)
-    concepts = encode(pipe, list(config.concept) + [to[c] for c in config.concept])
-    n = len(config.concept)
-    for _ in range(config.epochs):
-        names = list(weights)
-        adversarial = [adversarial_embedding([weights[k] for k in names], [original[k] for k in names], concepts[i],
-                                             config.regularization) for i in range(n)]
-        edit = uce_map([(adversarial[i], concepts[n + i]) for i in range(n)], kept, **scales)
-        weights = {name: w @ edit for name, w in weights.items()}
-    return {name: (weights[name] - original[name]).to(layers[name].weight.dtype) for name in layers}
+    if config.epochs:
+        to = anchors(config, toy)
+        concepts = encode(pipe, list(config.concept) + [to[c] for c in config.concept])
+        n = len(config.concept)
+        gram = sum(layer.weight.detach().double().cpu().T @ layer.weight.detach().double().cpu()
+                   for layer in layers.values())
+        for _ in range(config.epochs):
+            adversarial = [adversarial_embedding(gram, edit, concepts[i], config.regularization) for i in range(n)]
+            edit = edit @ uce_map([(adversarial[i], concepts[n + i]) for i in range(n)], kept, **scales)
+    change = (edit - torch.eye(edit.shape[0], dtype=torch.float64)).float()
+    return {name: (layer.weight.detach().float().cpu() @ change).to(layer.weight.dtype) for name, layer in layers.items()}
