@@ -46,6 +46,7 @@ class LoRAConfig:
 
 
 CONFIG = LoRAConfig  # the method's options: CLI flags, TOML keys and form fields (studio.registry.Method.config)
+STOCK_LOADER = "pipe.load_lora_weights(FILE)"  # what reads our LoRA files as they are (diffusers keys)
 
 
 A_PARAM = "lora_A.weight"

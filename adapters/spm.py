@@ -42,6 +42,8 @@ DOWN, UP = "spm_down", "spm_up"
 PARAMS = (DOWN, UP)
 KEY_PREFIX = "unet."
 TRANSFORMER_CLASSES = ("Transformer2DModel", "SD3Transformer2DModel")
+CONVERTS_TO = ("kohya",)  # `studio convert --to kohya`: the official SPM file
+CONVERTS_TO_WHY = "the official SPM layout, which diffusers' load_lora_weights and SD web UIs load as a plain LoRA"
 
 
 @dataclass

@@ -208,13 +208,16 @@ def cmd_bench_erase(args: argparse.Namespace) -> int:
 
     result = erase_bench(args.methods, args.concepts, n_prompts=args.prompts, n_other=args.other_prompts,
                          n_seeds=args.seeds, work_dir=args.work_dir)
-    if args.output and Path(args.output).is_file():  # one method re-measured: the others' rows stay in the file
+    if args.output and Path(args.output).is_file():  # rows and concepts not re-measured stay as the file has them
         try:
             kept = json.loads(Path(args.output).read_text())
         except json.JSONDecodeError:
             kept = {}
-        result = {**{k: v for k, v in kept.items() if k not in result}, **result}
-        result = {**{row: result[row] for row in ROWS if row in result}, **{k: v for k, v in result.items() if k not in ROWS}}
+        merged = {**kept, **result}
+        for row in ROWS:
+            if isinstance(kept.get(row), dict) and row in result:
+                merged[row] = {**kept[row], **result[row]}
+        result = {**{row: merged[row] for row in ROWS if row in merged}, **{k: v for k, v in merged.items() if k not in ROWS}}
     return print_result(result, args)
 
 
@@ -419,11 +422,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     source = artifact_file(args.file)
     if not source.is_file():
         raise StudioError(f"{source} not found; pass an artifact file (.safetensors)")
-    if is_studio_file(source):
-        method = registry.get(read_header(source).method)
-        if method.attaches != "weights":  # its file is the official layout already
+    method = registry.get(read_header(source).method) if is_studio_file(source) else None
+    if method is not None and method.attaches != "weights":
+        layouts = getattr(method.adapter, "CONVERTS_TO", ())  # SPM: its release's (kohya) layout
+        if not layouts:  # its file is the official layout already
             raise StudioError(f"{source} holds {method.name}, already in the layout of its stock loader "
                               f"({method.adapter.STOCK_LOADER}); there is nothing to convert")
+        if args.to not in layouts:
+            raise StudioError(f"{source} holds {method.name}, which converts only --to {' / '.join(layouts)} "
+                              f"({method.adapter.CONVERTS_TO_WHY})")
     if args.to == "peft":
         written = to_peft(source, args.output)
         form = peft_form(read_header(source))
@@ -432,8 +439,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
         form = lycoris_form(read_header(source))
     elif args.to == "kohya":
         written, form = to_kohya(source, args.output), "kohya/A1111 LoRA keys"
-    elif is_studio_file(source):  # --to diffusers from our own file: it already has diffusers keys
-        raise StudioError(f"{source} is already a studio file with diffusers keys; pipe.load_lora_weights loads it as is")
+    elif method is not None and hasattr(method.adapter, "STOCK_LOADER"):  # --to diffusers: our LoRA has its keys
+        raise StudioError(f"{source} is already a studio file with diffusers keys; {method.adapter.STOCK_LOADER} "
+                          "loads it as is")
+    elif method is not None:
+        raise StudioError(f"{source} holds {method.name}, which has no diffusers layout: apply it with studio.plugin "
+                          "(or studio sample --adapter), or write it --to lycoris (exact weight differences)")
     elif is_lycoris_file(source):  # full / diag-oft modules: their exact weight differences, in SaRA's layout
         written = from_lycoris(source, args.output, model=args.model)
         form = ("a LoRA" if read_header(written).method == "lora"

@@ -190,3 +190,27 @@ def test_structure_and_resolution_adapter_benches_run(tmp_path, monkeypatch):
     assert 0 <= res["native_agreement"]["value"] <= 1 and res["worst_size"] in res["sizes"]
     assert 0.3e6 < res["params_sd15"] < 1.2e6
     assert list(tmp_path.iterdir()) == []
+
+
+def test_erase_bench_structure(monkeypatch, capsys, tmp_path):
+    """`studio bench erase` on a tiny protocol: every metric the issue names, per row and concept, and the CLI
+    keeps the concepts it did not re-measure in the output file."""
+    import json
+
+    from studio.bench import erase
+    from studio.cli import main
+
+    monkeypatch.setitem(erase.ATTACK, "steps", 2)
+    monkeypatch.setitem(erase.ATTACK, "samples", 4)
+    monkeypatch.setattr(erase, "rece_sd15_seconds", lambda: 0.0)
+    output = tmp_path / "erase.json"
+    output.write_text(json.dumps({"rece": {"circle": {"kept": True}}}))
+    assert main(["bench", "erase", "--methods", "none", "rece", "--concepts", "red", "--prompts", "2",
+                 "--other-prompts", "3", "--seeds", "1", "--json", "--output", str(output)]) == 0
+    result = json.loads(output.read_text())
+    assert result["rece"]["circle"] == {"kept": True}
+    for row in ("none", "rece"):
+        cell = result[row]["red"]
+        for key in ("erase_rate", "synonym_rate", "synonym_prompts", "preservation", "fd_other", "adversarial_rate"):
+            assert key in cell
+    assert result["rece"]["red"]["seconds"] > 0 and "rece_sd15_seconds" in result

@@ -157,3 +157,9 @@ def test_the_erase_tab_refuses_bad_concepts_before_a_job_exists(studio_app, conc
         studio_app.start("erase", studio_app.default_model, "rece", "none", "", None, *values)
     assert raised.value.message.startswith(message)
     assert studio_app.queue.list() == []
+
+
+def test_convert_says_where_a_rece_file_goes(erased, tmp_path, capsys):
+    assert main(["convert", str(erased[0]), "--to", "diffusers", "--output", str(tmp_path / "out")]) == 2
+    assert "holds rece, which has no diffusers layout: apply it with studio.plugin" in capsys.readouterr().err
+    assert main(["convert", str(erased[0]), "--to", "lycoris", "--output", str(tmp_path / "l.safetensors")]) == 0

@@ -114,3 +114,13 @@ def test_a_short_run_erases_circle_and_keeps_the_rest(tmp_path):
     assert measured["before"]["circle"] >= 0.9
     assert measured["after"]["circle"] <= 0.1
     assert measured["preservation"] >= -0.05
+
+
+def test_convert_writes_only_the_official_layout(tmp_path, capsys):
+    from studio.cli import main
+
+    path = _artifact(tmp_path / "spm.safetensors", tiny_sd_pipeline())
+    assert main(["convert", str(path), "--to", "peft", "--output", str(tmp_path / "out")]) == 2
+    assert "holds spm, which converts only --to kohya (the official SPM layout" in capsys.readouterr().err
+    assert main(["convert", str(path), "--to", "kohya", "--output", str(tmp_path / "official.safetensors")]) == 0
+    assert load_file(str(tmp_path / "official.safetensors"))

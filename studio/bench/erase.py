@@ -208,7 +208,8 @@ def measure(pipe, column: str, negative: str, n_prompts: int, n_other: int, seed
     synonym_hits, used, raw = [], 0, {}
     for i, concept in enumerate(concepts):
         for j, name in enumerate(SYNONYMS[concept]):
-            for k, prompt in enumerate(concept_prompts(concept, concepts, 4, seed=200 + 10 * i + j, name=name)):
+            per_name = max(1, n_prompts // 12)  # 4 with the default 48
+            for prompt in concept_prompts(concept, concepts, per_name, seed=200 + 10 * i + j, name=name):
                 hits = shows(score(draw(pipe, [prompt], SYNONYM_SEEDS, negative), evaluator=evaluator).rows, concept)
                 raw[prompt] = hits
                 drawn_by_base = reference["synonyms"][prompt] if reference else hits
