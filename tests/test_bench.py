@@ -202,15 +202,14 @@ def test_erase_bench_structure(monkeypatch, capsys, tmp_path):
 
     monkeypatch.setitem(erase.ATTACK, "steps", 2)
     monkeypatch.setitem(erase.ATTACK, "samples", 4)
-    monkeypatch.setattr(erase, "rece_sd15_seconds", lambda: 0.0)
     output = tmp_path / "erase.json"
-    output.write_text(json.dumps({"rece": {"circle": {"kept": True}}}))
-    assert main(["bench", "erase", "--methods", "none", "rece", "--concepts", "red", "--prompts", "2",
+    output.write_text(json.dumps({"negative-prompt": {"circle": {"kept": True}}, "rece": {"circle": {"kept": True}}}))
+    assert main(["bench", "erase", "--methods", "none", "negative-prompt", "--concepts", "red", "--prompts", "2",
                  "--other-prompts", "3", "--seeds", "1", "--json", "--output", str(output)]) == 0
     result = json.loads(output.read_text())
-    assert result["rece"]["circle"] == {"kept": True}
-    for row in ("none", "rece"):
+    assert result["negative-prompt"]["circle"] == {"kept": True} and result["rece"] == {"circle": {"kept": True}}
+    for row in ("none", "negative-prompt"):
         cell = result[row]["red"]
         for key in ("erase_rate", "synonym_rate", "synonym_prompts", "preservation", "fd_other", "adversarial_rate"):
             assert key in cell
-    assert result["rece"]["red"]["seconds"] > 0 and "rece_sd15_seconds" in result
+    assert result["none"]["red"]["erase_rate"]["value"] == 1.0  # the unedited model draws red when asked
