@@ -60,3 +60,22 @@ def test_the_bench_recipe_erases_part_of_circle(tmp_path):
     assert measured["before"]["circle"] >= 0.9
     assert measured["after"]["circle"] <= 0.6
     assert measured["preservation"] >= -0.25
+
+
+def test_on_the_tiny_sdxl_fixture_it_trains_and_changes_only_its_layers(tmp_path):
+    from studio.testing import tiny_sdxl_pipeline
+
+    model = tmp_path / "sdxl"
+    tiny_sdxl_pipeline().save_pretrained(model)
+    result = train(TrainConfig(method="ant", model=str(model), output_dir=str(tmp_path / "out"), max_train_steps=2,
+                               learning_rate=1e-2, method_options={"concept": ["dog"], "denoising_steps": 4,
+                                                                   "preserve_steps": 1, "saliency_prompts": 1,
+                                                                   "saliency_seeds": 1}))
+    pipe = tiny_sdxl_pipeline()
+    targeted = set(ant.target_layers(pipe.unet))
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    plugin.apply(pipe, result.artifact)
+    plugin.fuse(pipe)
+    changed = {k.rsplit(".", 1)[0] for k, v in pipe.unet.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and changed <= targeted
+    assert all(k.endswith(".weight") for k, v in pipe.unet.state_dict().items() if not torch.equal(v, before[k]))

@@ -124,3 +124,19 @@ def test_convert_writes_only_the_official_layout(tmp_path, capsys):
     assert "holds spm, which converts only --to kohya (the official SPM layout" in capsys.readouterr().err
     assert main(["convert", str(path), "--to", "kohya", "--output", str(tmp_path / "official.safetensors")]) == 0
     assert load_file(str(tmp_path / "official.safetensors"))
+
+
+def test_on_the_tiny_sdxl_fixture_it_trains_and_touches_only_its_layers(tmp_path):
+    from studio.testing import tiny_sdxl_pipeline
+    from studio.trainers.base import TrainConfig, train
+
+    model = tmp_path / "sdxl"
+    tiny_sdxl_pipeline().save_pretrained(model)
+    result = train(TrainConfig(method="spm", model=str(model), output_dir=str(tmp_path / "out"), max_train_steps=2,
+                               method_options={"concept": ["dog"], "denoising_steps": 4, "anchors_per_step": 1}))
+    pipe = tiny_sdxl_pipeline()
+    targeted = {f"unet.{name}" for name in spm.target_layers(pipe.unet)}
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    name = plugin.apply(pipe, result.artifact)
+    assert set(plugin.applied(pipe)[name]) == targeted
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())  # hooks: no weight changed

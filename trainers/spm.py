@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from studio.trainers.base import Loop, MethodTrainer
+from studio.trainers.trajectories import Conditioning, denoise
 
 from studio.erasure import check_options, erase_prompts
 from studio.pipeline import TOY_MODEL, default_size, make_scheduler
@@ -47,45 +48,21 @@ class SPMTrainer(MethodTrainer):
         pipe, config = loop.pipe, loop.method_config
         pairs, _ = erase_prompts(config, toy=loop.config.model == TOY_MODEL)
         device = loop.accelerator.device
-        self.concepts = self._encode(pipe, [prompt for prompt, _ in pairs], device)
-        self.neutrals = self._encode(pipe, [twin for _, twin in pairs], device)
-        self.empty = self._encode(pipe, [""], device)
+        self.concepts = Conditioning.encode(pipe, [prompt for prompt, _ in pairs], device)
+        self.neutrals = Conditioning.encode(pipe, [twin for _, twin in pairs], device)
+        self.empty = Conditioning.encode(pipe, [""], device)
         self.scheduler = make_scheduler(pipe.scheduler.config, "ddim")
         self.scheduler.set_timesteps(config.denoising_steps, device=device)
         width, height = default_size(pipe)
         self.latent_shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-        self.time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=device)
 
     @staticmethod
-    def _encode(pipe, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(text conditioning, pooled embedding or None) per prompt, as the pipeline makes them."""
-        encoded = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-        pooled = encoded[2] if len(encoded) == 4 else None  # SDXL: (embeds, negative, pooled, negative pooled)
-        return encoded[0].float(), pooled.float() if pooled is not None else None
-
-    def _predict(self, unet, x: torch.Tensor, t, condition: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-        text, pooled = condition
-        added = None
-        if pooled is not None:
-            added = {"text_embeds": pooled, "time_ids": self.time_ids.expand(len(x), -1)}
-        return unet(x, t, text, added_cond_kwargs=added).sample.float()
-
-    @staticmethod
-    def _rows(condition, index) -> tuple[torch.Tensor, torch.Tensor | None]:
-        text, pooled = condition
-        return text[index], pooled[index] if pooled is not None else None
-
-    @staticmethod
-    def _cat(*conditions) -> tuple[torch.Tensor, torch.Tensor | None]:
-        texts = torch.cat([c[0] for c in conditions])
-        pooled = None if conditions[0][1] is None else torch.cat([c[1] for c in conditions])
-        return texts, pooled
-
-    @staticmethod
-    def _anchor_embeddings(concept, count: int, rng: np.random.Generator, generator: torch.Generator):
-        """Random embeddings away from the concept's: Gaussian directions accepted with probability 1 − cos(e, c)."""
+    def _anchor_embeddings(concept: Conditioning, count: int, rng: np.random.Generator,
+                           generator: torch.Generator) -> Conditioning:
+        """Random embeddings away from the concept's: Gaussian directions accepted with probability 1 − cos(e, c),
+        scaled to 0.8-1.2 x the concept's norm (text conditioning and, on SDXL, the pooled embedding alike)."""
         made = []
-        for part in concept:
+        for part in (concept.text, concept.pooled):
             if part is None:
                 made.append(None)
                 continue
@@ -98,37 +75,34 @@ class SPMTrainer(MethodTrainer):
                     scale = rng.uniform(*ANCHOR_SCALE) * float(target.norm())
                     samples.append((noise * scale).view(part.shape[1:]))
             made.append(torch.stack(samples))
-        return made[0], made[1]
+        return Conditioning(made[0], made[1], concept.time_ids)
 
     def loss(self, loop: Loop, rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
         config = loop.method_config
         unet = loop.models["unet"]
         membranes_on = loop.unwrap("unet")
-        pick = [int(rng.integers(len(self.concepts[0])))]
-        concept = self._rows(self.concepts, pick)
-        neutral = self._rows(self.neutrals, pick)
+        pick = [int(rng.integers(len(self.concepts)))]
+        concept, neutral = self.concepts.rows(pick), self.neutrals.rows(pick)
         depth = int(rng.integers(1, config.denoising_steps))
         device = loop.accelerator.device
-        with torch.no_grad():  # 1. a latent along the model's own trajectory for the concept, membranes on
-            x = torch.randn(self.latent_shape, generator=generator).to(device) * self.scheduler.init_noise_sigma
-            guided = self._cat(self.empty, concept)
-            for t in self.scheduler.timesteps[:depth]:
-                uncond, cond = self._predict(unet, torch.cat([x, x]), t, guided).chunk(2)
-                x = self.scheduler.step(uncond + config.sampling_guidance * (cond - uncond), t, x).prev_sample
-            t = self.scheduler.timesteps[depth]
+        # 1. a latent along the model's own trajectory for the concept, membranes on
+        x = torch.randn(self.latent_shape, generator=generator).to(device) * self.scheduler.init_noise_sigma
+        x = denoise(unet, self.scheduler, x, concept, self.empty, config.sampling_guidance, 0, depth)
+        t = self.scheduler.timesteps[depth]
+        count = config.anchors_per_step
+        with torch.no_grad():  # the model without the membranes: the targets
             self.adapter.set_membranes(membranes_on, False)
-            positive = self._predict(unet, x, t, concept)
-            neutral_eps = self._predict(unet, x, t, neutral)
-            count = config.anchors_per_step
+            positive = concept.predict(unet, x, t)
+            neutral_eps = neutral.predict(unet, x, t)
             anchored = self._anchor_embeddings(concept, count, rng, generator) if count else None
-            anchored_base = self._predict(unet, x.repeat(count, 1, 1, 1), t, anchored) if anchored else None
+            anchored_base = anchored.predict(unet, x.repeat(count, 1, 1, 1), t) if anchored else None
             self.adapter.set_membranes(membranes_on, True)
         # 2. the erase loss: the concept's prediction pushed to the neutral one, away from the concept
         target = neutral_eps - config.guidance * (positive - neutral_eps)
-        loss = F.mse_loss(self._predict(unet, x, t, concept), target)
+        loss = F.mse_loss(concept.predict(unet, x, t), target)
         if anchored is not None:  # 3. Latent Anchoring: everything else answered as before
-            loss = loss + config.anchor_weight * F.mse_loss(
-                self._predict(unet, x.repeat(count, 1, 1, 1), t, anchored), anchored_base)
+            loss = loss + config.anchor_weight * F.mse_loss(anchored.predict(unet, x.repeat(count, 1, 1, 1), t),
+                                                            anchored_base)
         return loss
 
     def artifact(self, loop: Loop) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
