@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from studio.trainers.base import Loop, MethodTrainer
+from studio.trainers.trajectories import Conditioning, denoise
 
 from studio.erasure import check_options, erase_prompts
 from studio.errors import StudioError
@@ -56,18 +57,11 @@ class ANTTrainer(MethodTrainer):
         self.original_weights = {name: layer.weight.detach().clone() for name, layer in layers.items()}
         return {"unet": sorted(layers)}
 
-    @torch.no_grad()
-    def _encode(self, pipe, prompts: list[str], device) -> torch.Tensor:
-        return pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
-                                  do_classifier_free_guidance=False)[0].float()
-
     def prepare(self, loop: Loop) -> None:
         pipe, config, device = loop.pipe, loop.method_config, loop.accelerator.device
-        if "text_encoder_2" in pipe.components:
-            raise StudioError("--method ant runs on SD1.x/SD2.x-layout models; for SDXL use --method spm or rece")
         pairs, _ = erase_prompts(config, toy=loop.config.model == TOY_MODEL)
-        self.prompts = self._encode(pipe, [prompt for prompt, _ in pairs], device)
-        self.empty = self._encode(pipe, [""], device)
+        self.prompts = Conditioning.encode(pipe, [prompt for prompt, _ in pairs], device)
+        self.empty = Conditioning.encode(pipe, [""], device)
         self.scheduler = make_scheduler(pipe.scheduler.config, "ddim")
         self.scheduler.set_timesteps(config.denoising_steps, device=device)
         width, height = default_size(pipe)
@@ -98,34 +92,29 @@ class ANTTrainer(MethodTrainer):
         config = loop.method_config
         unet = loop.models["unet"]
         device = loop.accelerator.device
-        concept = self.prompts[prompt:prompt + 1]
+        concept = self.prompts.rows([prompt])
         early = int(rng.integers(0, config.preserve_steps)) if config.preserve_steps else None
         late = int(rng.integers(config.preserve_steps, config.denoising_steps))
-        with torch.no_grad():  # one trajectory of the trained model for c: z⁺ after `early` steps, z⁻ after `late`
-            x = torch.randn(self.latent_shape, generator=generator).to(device) * self.scheduler.init_noise_sigma
-            latents = {}
-            for step, t in enumerate(self.scheduler.timesteps[:late + 1]):
-                if step in (early, late):
-                    latents[step] = x
-                if step == late:
-                    break
-                both = unet(torch.cat([x, x]), t, torch.cat([self.empty, concept])).sample.float()
-                uncond, cond = both.chunk(2)
-                x = self.scheduler.step(uncond + config.sampling_guidance * (cond - uncond), t, x).prev_sample
-        steps = [s for s in (early, late) if s is not None]
-        z = torch.cat([latents[s] for s in steps])
-        t = torch.stack([self.scheduler.timesteps[s] for s in steps]).to(device)
+        # One trajectory of the trained model for c: z⁺ after `early` steps, z⁻ after `late`.
+        x = torch.randn(self.latent_shape, generator=generator).to(device) * self.scheduler.init_noise_sigma
+        latents = []
+        reached = 0
+        for step in [s for s in (early, late) if s is not None]:
+            x = denoise(unet, self.scheduler, x, concept, self.empty, config.sampling_guidance, reached, step)
+            latents.append(x)
+            reached = step
+        z = torch.cat(latents)
+        t = torch.stack([self.scheduler.timesteps[s] for s in (early, late) if s is not None]).to(device)
+        n = len(z)
         with torch.no_grad():  # ε*: the original model, unconditional and with the concept
-            reference = self.original(torch.cat([z, z]), torch.cat([t, t]),
-                                      torch.cat([self.empty.expand(len(z), -1, -1), concept.expand(len(z), -1, -1)])).sample.float()
-        e_empty, e_concept = reference.chunk(2)
-        trained = unet(torch.cat([z, z]), torch.cat([t, t]),
-                       torch.cat([concept.expand(len(z), -1, -1), self.empty.expand(len(z), -1, -1)])).sample.float()
-        n_concept, n_empty = trained.chunk(2)
+            e_empty, e_concept = Conditioning.cat(self.empty.repeat(n), concept.repeat(n)).predict(
+                self.original, torch.cat([z, z]), torch.cat([t, t])).chunk(2)
+        n_concept, n_empty = Conditioning.cat(concept.repeat(n), self.empty.repeat(n)).predict(
+            unet, torch.cat([z, z]), torch.cat([t, t])).chunk(2)
         sign = torch.tensor([1.0, -1.0] if early is not None else [-1.0], device=device).view(-1, 1, 1, 1)
         target = e_empty + sign * config.guidance * (e_concept - e_empty)  # kept early, reversed later
         per_step = [F.mse_loss(n_concept[i], target[i]) + config.uncond_weight * F.mse_loss(n_empty[i], e_empty[i])
-                    for i in range(len(z))]
+                    for i in range(n)]
         return per_step[-1] + (config.early_weight * per_step[0] if early is not None else 0.0)
 
     def loss(self, loop: Loop, rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
