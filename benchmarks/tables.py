@@ -190,8 +190,8 @@ def erase_table() -> str:
     rows = ["| method | concept | erase_rate | synonym_rate (prompts) | preservation | fd_other (floor) | "
             "adversarial_rate | seconds |", "|---|---|---|---|---|---|---|---|"]
     for method, columns in data.items():
-        if not isinstance(columns, dict) or method == "protocol":
-            continue
+        if not isinstance(columns, dict) or not all(isinstance(r, dict) and "erase_rate" in r for r in columns.values()):
+            continue  # the protocol, the SPM transfer, timings
         for concept, r in columns.items():
             floor = data["none"][concept]["fd_other"]
             preservation = r["preservation"]
@@ -201,8 +201,16 @@ def erase_table() -> str:
             rows.append(f"| {method} | {concept} | {_rate(r['erase_rate'])}{f' ({per})' if per else ''} | "
                         f"{_rate(r['synonym_rate'])} ({r['synonym_prompts']}) | {preservation} | "
                         f"{r['fd_other']:.1f} ({floor:.1f}) | {r['adversarial_rate']:.2f} | {r.get('seconds', 0):.1f} |")
-    extra = [f"{k}: {v}" for k, v in data.items() if not isinstance(v, dict)]
-    return "\n".join(rows + ([""] + extra if extra else []))
+    notes = []
+    if "spm_transfer" in data:
+        transfer = data["spm_transfer"]
+        notes.append(f"SPM transferred unchanged to a derived model ({transfer['derived_model']}): circle's erase_rate "
+                     f"{_rate(transfer['erase_rate_on_derived'])} there, {_rate(transfer['derived_without_spm'])} "
+                     "without it.")
+    if "rece_sd15_seconds" in data:
+        notes.append(f"RECE on an SD1.5-shaped text encoder and UNet (one concept, the template prompts): "
+                     f"{data['rece_sd15_seconds']:.1f} s.")
+    return "\n".join(rows + ([""] + notes if notes else []))
 
 
 if __name__ == "__main__":
