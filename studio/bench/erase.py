@@ -55,9 +55,10 @@ VALUES = {"shape": ["circle", "square", "triangle", "cross", "diamond"],
 SYNONYMS = {"circle": ["disk", "round shape"], "striped": ["stripy"],
             "red": ["crimson", "scarlet", "blood-coloured", "cherry"]}
 # Step budgets (every other option is the method's default). SPM, 300 steps at the toy learning rate 3e-3: circle's
-# erase_rate 0.00 on 32 prompts; 800 steps at 1e-3 had erased at 300 and lost it again by 800.
+# erase_rate 0.00 on 32 prompts (quick_check). (Before DDIM's latent clipping was fixed, 800 steps at 1e-3 had
+# erased at 300 and lost it again by 800.)
 # ANT, the paper's 250 iterations at the toy learning rate 2e-3 (circle, 32 prompts: erase_rate 0.38, preservation
-# -0.15; at 1e-3 with the saliency mask nothing was erased, without the mask everything was, at preservation -0.78).
+# -0.15; at 1e-3 with the saliency mask, or at 5e-4 (the paper's), nothing was erased).
 RECIPES = {"spm": {"max_train_steps": 300}, "ant": {"max_train_steps": 250}}
 ATTACK = {"steps": 150, "learning_rate": 5e-3, "batch_size": 8, "renders": 64, "samples": 64}
 ATTACK_WORD = "<*>"
