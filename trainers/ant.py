@@ -31,11 +31,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from studio.trainers.base import Loop, MethodTrainer
-from studio.trainers.trajectories import Conditioning, denoise
+from studio.trainers.trajectories import Conditioning, ddim_schedule, denoise
 
 from studio.erasure import check_options, erase_prompts
 from studio.errors import StudioError
-from studio.pipeline import TOY_MODEL, default_size, make_scheduler
+from studio.pipeline import TOY_MODEL
 
 
 class ANTTrainer(MethodTrainer):
@@ -62,10 +62,7 @@ class ANTTrainer(MethodTrainer):
         pairs, _ = erase_prompts(config, toy=loop.config.model == TOY_MODEL)
         self.prompts = Conditioning.encode(pipe, [prompt for prompt, _ in pairs], device)
         self.empty = Conditioning.encode(pipe, [""], device)
-        self.scheduler = make_scheduler(pipe.scheduler.config, "ddim")
-        self.scheduler.set_timesteps(config.denoising_steps, device=device)
-        width, height = default_size(pipe)
-        self.latent_shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        self.scheduler, self.latent_shape = ddim_schedule(pipe, config.denoising_steps, device)
         self.masks = self._saliency(loop) if config.saliency < 1 else {}
         unet = loop.unwrap("unet")
         for name, mask in self.masks.items():  # masked entries get no gradient, so Adam never moves them

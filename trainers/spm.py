@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from studio.trainers.base import Loop, MethodTrainer
-from studio.trainers.trajectories import Conditioning, denoise
+from studio.trainers.trajectories import Conditioning, ddim_schedule, denoise
 
 from studio.erasure import check_options, erase_prompts
-from studio.pipeline import TOY_MODEL, default_size, make_scheduler
+from studio.pipeline import TOY_MODEL
 
 ANCHOR_SCALE = (0.8, 1.2)  # an anchor embedding's norm, relative to the concept's (the reference's range)
 
@@ -51,10 +51,7 @@ class SPMTrainer(MethodTrainer):
         self.concepts = Conditioning.encode(pipe, [prompt for prompt, _ in pairs], device)
         self.neutrals = Conditioning.encode(pipe, [twin for _, twin in pairs], device)
         self.empty = Conditioning.encode(pipe, [""], device)
-        self.scheduler = make_scheduler(pipe.scheduler.config, "ddim")
-        self.scheduler.set_timesteps(config.denoising_steps, device=device)
-        width, height = default_size(pipe)
-        self.latent_shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        self.scheduler, self.latent_shape = ddim_schedule(pipe, config.denoising_steps, device)
 
     @staticmethod
     def _anchor_embeddings(concept: Conditioning, count: int, rng: np.random.Generator,

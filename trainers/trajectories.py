@@ -62,6 +62,17 @@ class Conditioning:
         return unet(x, t, self.text, added_cond_kwargs=added).sample.float()
 
 
+def ddim_schedule(pipe, steps: int, device) -> tuple:
+    """The DDIM scheduler of `pipe`'s noise schedule set to `steps` steps, and the shape of one latent at the
+    model's own size: what a trajectory of the model starts from."""
+    from studio.pipeline import make_scheduler
+
+    scheduler = make_scheduler(pipe.scheduler.config, "ddim")
+    scheduler.set_timesteps(steps, device=device)
+    width, height = default_size(pipe)
+    return scheduler, (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+
+
 @torch.no_grad()
 def denoise(unet, scheduler, x: torch.Tensor, prompt: Conditioning, empty: Conditioning, guidance: float,
             start: int, stop: int) -> torch.Tensor:
