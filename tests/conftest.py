@@ -14,6 +14,16 @@ def toy_pipe():
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory):
+    """The tiny SDXL fixture saved as a diffusers folder, for runs that load a model by path."""
+    from studio.testing import tiny_sdxl_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    tiny_sdxl_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     from transformers import CLIPTokenizer
 

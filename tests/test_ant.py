@@ -62,11 +62,10 @@ def test_the_bench_recipe_erases_part_of_circle(tmp_path):
     assert measured["preservation"] >= -0.25
 
 
-def test_on_the_tiny_sdxl_fixture_it_trains_and_changes_only_its_layers(tmp_path):
+def test_on_the_tiny_sdxl_fixture_it_trains_and_changes_only_its_layers(tiny_sdxl_folder, tmp_path):
     from studio.testing import tiny_sdxl_pipeline
 
-    model = tmp_path / "sdxl"
-    tiny_sdxl_pipeline().save_pretrained(model)
+    model = tiny_sdxl_folder
     result = train(TrainConfig(method="ant", model=str(model), output_dir=str(tmp_path / "out"), max_train_steps=2,
                                learning_rate=1e-2, method_options={"concept": ["dog"], "denoising_steps": 4,
                                                                    "preserve_steps": 1, "saliency_prompts": 1,

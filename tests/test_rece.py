@@ -65,11 +65,9 @@ def test_only_the_cross_attention_keys_and_values_change_and_remove_restores_the
     assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
 
 
-def test_on_the_tiny_sdxl_fixture_only_the_targeted_layers_change(tmp_path):
-    from studio.testing import tiny_sdxl_pipeline
+def test_on_the_tiny_sdxl_fixture_only_the_targeted_layers_change(tiny_sdxl_folder, tmp_path):
 
-    model = tmp_path / "sdxl"
-    tiny_sdxl_pipeline().save_pretrained(model)
+    model = tiny_sdxl_folder
     result = train(TrainConfig(method="rece", model=str(model), output_dir=str(tmp_path / "out"),
                                method_options={"concept": ["dog"], "preserve": ["cat"]}))
     tensors = load_file(str(result.artifact))

@@ -126,12 +126,12 @@ def test_convert_writes_only_the_official_layout(tmp_path, capsys):
     assert load_file(str(tmp_path / "official.safetensors"))
 
 
-def test_on_the_tiny_sdxl_fixture_it_trains_and_touches_only_its_layers(tmp_path):
-    from studio.testing import tiny_sdxl_pipeline
+def test_on_the_tiny_sdxl_fixture_it_trains_and_touches_only_its_layers(tiny_sdxl_folder, tmp_path):
     from studio.trainers.base import TrainConfig, train
 
-    model = tmp_path / "sdxl"
-    tiny_sdxl_pipeline().save_pretrained(model)
+    from studio.testing import tiny_sdxl_pipeline
+
+    model = tiny_sdxl_folder
     result = train(TrainConfig(method="spm", model=str(model), output_dir=str(tmp_path / "out"), max_train_steps=2,
                                method_options={"concept": ["dog"], "denoising_steps": 4, "anchors_per_step": 1}))
     pipe = tiny_sdxl_pipeline()
