@@ -213,6 +213,38 @@ def erase_table() -> str:
     return "\n".join(rows + ([""] + notes if notes else []))
 
 
+def quantize_table() -> str:
+    """Quantization: per method and bit setting, agreement with the full-precision samples, PSNR, FD, size, seconds;
+    then QAT's time ratio and the int8 kernels' speed."""
+    path = RESULTS / "quantize.json"
+    if not path.is_file():
+        return ""
+    data = json.loads(path.read_text())
+    rows = ["| method | bits | agreement | psnr (dB) | fd | UNet size (MB; fp32 in brackets) | seconds |",
+            "|---|---|---|---|---|---|---|"]
+    for method in ("ptq", "efficientdm", "qat"):
+        for bits, r in data.get(method, {}).items():
+            rows.append(f"| {method} | {bits} | {r['agreement']:.3f} | {r['psnr']:.1f} | {r['fd']:.1f} | "
+                        f"{r['size_bytes'] / 1e6:.2f} ({r['fp32_size_bytes'] / 1e6:.2f}) | {r['seconds']:.0f} |")
+    notes = []
+    if "qat_time_ratio" in data:
+        reached = "reached" if data.get("qat_reached") else "did not reach (the cap is reported)"
+        notes.append(f"qat_time_ratio {data['qat_time_ratio']:.2f}: QAT {reached} EfficientDM's W4A8 agreement; its "
+                     "curve: " + ", ".join(f"{c['steps']} steps {c['seconds']:.0f} s {c['agreement']:.3f}"
+                                         for c in data.get("qat_curve", [])) + ".")
+    if "int8_speedup" in data:
+        notes.append(f"int8 kernels (torchao, {data.get('threads', '?')} CPU threads) on an SD1.5-shaped UNet step: "
+                     f"int8_speedup {data['int8_speedup']:.2f} ({data['fp32_step_seconds']:.2f} s -> "
+                     f"{data['int8_step_seconds']:.2f} s), int8_linear_speedup {data['int8_linear_speedup']:.2f} "
+                     f"({data['linear_layers']} Linear layers; convolutions stay float32).")
+    if "int8_agreement" in data:
+        r = data["int8_agreement"]
+        notes.append(f"The W8A8 EfficientDM file on the int8 kernels: agreement {r['agreement_with_fake_quant']:.3f} "
+                     f"with its fake-quantized run (PSNR {r['psnr_to_fake_quant']:.1f} dB), {r['agreement']:.3f} with "
+                     "full precision.")
+    return "\n".join(rows + ([""] + notes if notes else []))
+
+
 if __name__ == "__main__":
     print(personalize_table())
     print()
@@ -225,3 +257,5 @@ if __name__ == "__main__":
     print(res_table())
     print()
     print(erase_table())
+    print()
+    print(quantize_table())

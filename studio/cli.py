@@ -221,6 +221,24 @@ def cmd_bench_erase(args: argparse.Namespace) -> int:
     return print_result(result, args)
 
 
+def cmd_bench_quantize(args: argparse.Namespace) -> int:
+    from studio.bench.quantize import quantize_bench
+
+    result = quantize_bench(args.methods, args.bits, n_prompts=args.prompts, n_seeds=args.seeds,
+                            work_dir=args.work_dir, speed=not args.no_speed)
+    if args.output and Path(args.output).is_file():  # rows, settings and speed not re-measured stay as the file has them
+        try:
+            kept = json.loads(Path(args.output).read_text())
+        except json.JSONDecodeError:
+            kept = {}
+        for key, value in kept.items():
+            if key not in result:
+                result[key] = value
+            elif isinstance(value, dict) and isinstance(result[key], dict) and key != "protocol":
+                result[key] = {**value, **result[key]}
+    return print_result(result, args)
+
+
 def cmd_bench_train_step(args: argparse.Namespace) -> int:
     from studio.bench.train_step import ci_notes, train_step
 
@@ -248,21 +266,28 @@ def add_config_flag(parser: argparse.ArgumentParser, f, hint, help_prefix: str =
         parser.add_argument(flag(f.name), default=None, help=described.replace("%", "%%"))
 
 
-# `studio train` trains adapters, `studio erase` erases concepts: each command's default method, and the loop
-# options an erasure takes (it has no data, so none of the data options).
-DEFAULT_METHOD = {"adapter": "lora", "erase": "rece"}
-ERASE_LOOP_OPTIONS = ("method", "output_dir", "seed", "max_train_steps", "learning_rate", "mixed_precision",
-                      "gradient_accumulation_steps", "gradient_checkpointing", "checkpointing_steps", "resume",
-                      "validation_prompt", "validation_steps")
-# The options of a step-by-step loop, refused for a method computed in one go (RECE).
+# `studio train` trains adapters, `studio erase` erases concepts, `studio quantize` makes a low-bit UNet: each
+# kind's command, its default method, and the loop options it takes (an erasure or a quantization has no data, so
+# none of the data options; None: all of them).
+COMMANDS = {"adapter": "train", "erase": "erase", "quantize": "quantize"}
+KIND_WORDS = {"adapter": "an adapter", "erase": "an erasure", "quantize": "a quantization"}
+DEFAULT_METHOD = {"adapter": "lora", "erase": "rece", "quantize": "efficientdm"}
+_NO_DATA_LOOP_OPTIONS = ("method", "output_dir", "seed", "max_train_steps", "learning_rate", "mixed_precision",
+                         "gradient_accumulation_steps", "gradient_checkpointing", "checkpointing_steps", "resume",
+                         "validation_prompt", "validation_steps")
+LOOP_OPTIONS = {"adapter": None, "erase": _NO_DATA_LOOP_OPTIONS,
+                "quantize": _NO_DATA_LOOP_OPTIONS + ("train_batch_size",)}  # the distillation's (trajectory, step) pairs
+# The options of a step-by-step loop, refused for a method computed in one go (RECE, PTQ).
 STEP_OPTIONS = ("max_train_steps", "learning_rate", "mixed_precision", "gradient_accumulation_steps",
-                "gradient_checkpointing", "checkpointing_steps", "resume", "validation_prompt", "validation_steps")
+                "gradient_checkpointing", "checkpointing_steps", "resume", "validation_prompt", "validation_steps",
+                "train_batch_size")
 REPEATED_OPTIONS = ("concept", "preserve")  # given once per value: --concept circle --concept red
 
 
 def add_train_args(parser: argparse.ArgumentParser, kind: str = "adapter") -> None:
-    """The loop's options (`TrainConfig` fields) and every option of the registered methods of `kind` ("adapter"
-    for `studio train`, "erase" for `studio erase`) as flags; default None = not given."""
+    """The loop's options (`TrainConfig` fields) that `kind` takes and every option of the registered methods of
+    `kind` ("adapter": `studio train`, "erase": `studio erase`, "quantize": `studio quantize`) as flags; default
+    None = not given."""
     import typing
 
     from studio import registry
@@ -271,7 +296,7 @@ def add_train_args(parser: argparse.ArgumentParser, kind: str = "adapter") -> No
     parser.add_argument("--config", dest="config_file", default=None, help="TOML file whose keys are these flags")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        if f.name not in ("method_options", "model") and (kind == "adapter" or f.name in ERASE_LOOP_OPTIONS):
+        if f.name not in ("method_options", "model") and (LOOP_OPTIONS[kind] is None or f.name in LOOP_OPTIONS[kind]):
             add_config_flag(parser, f, hints[f.name])
     parser.set_defaults(method=None)
     owners: dict[str, list] = {}  # option name -> the methods that have it (LoRA and ResAdapter share --rank)
@@ -298,7 +323,7 @@ def _default_text(f) -> str:
 
 def train_config_from_args(args: argparse.Namespace, kind: str = "adapter"):
     """Defaults < the TOML file < flags given on the command line; the method must be of `kind` (`studio train`
-    trains adapters, `studio erase` runs erasures)."""
+    trains adapters, `studio erase` runs erasures, `studio quantize` quantizations)."""
     import tomllib
 
     from studio import registry
@@ -327,9 +352,8 @@ def train_config_from_args(args: argparse.Namespace, kind: str = "adapter"):
     values.setdefault("method", DEFAULT_METHOD[kind])
     method = registry.get(values["method"])
     if method.kind != kind:
-        command = {v: k for k, v in {"train": "adapter", "erase": "erase"}.items()}.get(method.kind, method.kind)
-        raise StudioError(f"--method {method.name} is {'an erasure' if method.kind == 'erase' else 'not an erasure'}: "
-                          f"run it with `studio {command} --method {method.name}`")
+        raise StudioError(f"--method {method.name} is {KIND_WORDS[method.kind]}, not {KIND_WORDS[kind]}: run it with "
+                          f"`studio {COMMANDS[method.kind]} --method {method.name}`")
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     method_fields = {f.name for f in dataclasses.fields(method.config_class)}
     options = {k: v for k, v in values.items() if k in method_fields}
@@ -384,6 +408,19 @@ def cmd_erase(args: argparse.Namespace) -> int:
     grid = before_after(config, result.artifact)
     print(json.dumps({"artifact": str(result.artifact), "seconds": round(result.seconds, 1), "steps": result.steps,
                       "before_after": str(grid)}))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from studio.quantize import comparison_sheet
+    from studio.trainers.base import train
+
+    config = train_config_from_args(args, kind="quantize")
+    result = train(config)
+    sheet = comparison_sheet(config, result.artifact)
+    print(json.dumps({"artifact": str(result.artifact), "seconds": round(result.seconds, 1), "steps": result.steps,
+                      "bits": config.method_options.get("bits", "w4a8"),
+                      "size_bytes": result.artifact.stat().st_size, "fp_vs_quantized": str(sheet)}))
     return 0
 
 
@@ -523,6 +560,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p, kind="erase")
     p.set_defaults(func=cmd_erase)
 
+    p = commands.add_parser("quantize", help=f"make a low-bit UNet ({', '.join(m for m, v in registry.METHODS.items() if v.kind == 'quantize')}): weights and activations at --bits")
+    p.add_argument("--model", default=TOY_MODEL, help="'toy' (default), a diffusers folder, a .safetensors file, or a hub id")
+    add_train_args(p, kind="quantize")
+    p.set_defaults(func=cmd_quantize)
+
     p = commands.add_parser("convert", help="write an artifact in another tool's layout")
     p.add_argument("file")
     p.add_argument("--to", required=True, choices=["diffusers", "kohya", "peft", "lycoris"],
@@ -593,6 +635,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="also write the JSON to this file (rows not re-measured are kept)")
     p.set_defaults(func=cmd_bench_erase)
 
+    p = bench.add_parser("quantize", help="low-bit toy UNets (ptq, efficientdm, qat): agreement, psnr, fd, size; int8 speed")
+    p.add_argument("--methods", nargs="+", default=None, choices=[m for m, v in registry.METHODS.items() if v.kind == "quantize"],
+                   help="rows (default: all; qat is timed against efficientdm's w4a8, so it needs that one)")
+    p.add_argument("--bits", nargs="+", default=None, choices=["w8a8", "w4a8", "w4a4"], help="columns (default: all)")
+    p.add_argument("--prompts", type=int, default=64, help="prompts drawn by every model, once per seed")
+    p.add_argument("--seeds", type=int, default=2, help="sampling seeds per prompt")
+    p.add_argument("--no-speed", action="store_true", help="skip the int8 kernel timing on the SD1.5-shaped UNet")
+    p.add_argument("--work-dir", default=None, help="keep the quantized files here (default: a temporary folder)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--output", default=None, help="also write the JSON to this file (entries not re-measured are kept)")
+    p.set_defaults(func=cmd_bench_quantize)
+
     p = bench.add_parser("train-step", help="seconds and peak memory of a training step: ours, PEFT, floor, full")
     p.add_argument("--models", nargs="+", default=None, choices=["toy", "sd15"])
     p.add_argument("--entries", nargs="+", default=None, help="default: floor full lora oft boft sara peft-lora peft-oft peft-boft")
@@ -653,8 +707,9 @@ def check_command(argv: list[str]) -> None:
     except SystemExit:  # a usage error: the command was built wrongly
         shown = " ".join(arg if arg and arg.isprintable() and " " not in arg else repr(arg) for arg in argv)
         raise StudioError(f"not a valid studio command: {shown}") from None  # one line, whatever the values
-    if args.command in ("train", "erase"):
-        train_config_from_args(args, "adapter" if args.command == "train" else "erase")
+    kinds = {command: kind for kind, command in COMMANDS.items()}
+    if args.command in kinds:
+        train_config_from_args(args, kinds[args.command])
     elif args.command == "sample":
         sample_settings_from_args(args, args.prompts)
 

@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,10 +27,8 @@ from studio.errors import StudioError
 # Prompt templates for a concept on a model other than the toy one (CLIP-style phrasings).
 TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a painting of {}", "a drawing of {}", "a picture of {}",
              "a close-up of {}", "{}, high quality")
-# On the toy model: the categories a concept can belong to, and the values the context captions combine.
+# On the toy model: the categories a concept can belong to.
 TOY_CATEGORIES = ("shape", "color", "texture")
-TOY_POSITIONS = ("center", "top left", "top right", "bottom left", "bottom right")
-TOY_BACKGROUNDS = ("white", "black", "gray")
 
 
 @dataclass
@@ -167,24 +164,20 @@ def erase_prompts(options: EraseOptions, toy: bool) -> tuple[list[tuple[str, str
         pairs = [(t.format(c), t.format(to[c])) for c in options.concept for t in TEMPLATES]
         kept = [""] + [t.format(p) for p in options.preserve or [] for t in TEMPLATES]
         return pairs, kept
-    from studio.toy.captions import caption_from_parts
+    from studio.toy.captions import caption_from_parts, caption_grid
 
     for concept in options.concept:
         toy_category(concept)
-    values = _toy_values()
     pairs, kept = [], [""]
-    # Each erased concept alone, then every caption over shape x (colour or none) x (texture or none) x (position or
-    # none) x (background or none): 4,200 captions, encoded in seconds by the toy text encoder.
+    # Each erased concept alone, then every caption of the toy grid (4,200, positions and backgrounds included),
+    # encoded in seconds by the toy text encoder.
     pairs += [(c, to[c]) for c in options.concept]
-    for shape, color, texture, position, background in itertools.product(
-            values["shape"], [None, *values["color"]], [None, *values["texture"]], [None, *TOY_POSITIONS],
-            [None, *TOY_BACKGROUNDS]):
-        named = {"shape": shape, "color": color, "texture": texture}
-        prompt = caption_from_parts(shape, color=color, texture=texture, position=position, background=background)
+    for parts, prompt in caption_grid():
+        named = {k: parts[k] for k in TOY_CATEGORIES}
         if any(v in options.concept for v in named.values()):
             swapped = {k: to.get(v, v) if v else v for k, v in named.items()}
             pairs.append((prompt, caption_from_parts(swapped["shape"], color=swapped["color"], texture=swapped["texture"],
-                                                     position=position, background=background)))
+                                                     position=parts["position"], background=parts["background"])))
         else:
             kept.append(prompt)
     kept += [p for p in options.preserve or [] if p not in kept]
@@ -210,32 +203,16 @@ BEFORE_AFTER_NAME = "before-after.png"
 
 def before_after(config, artifact, seeds: tuple[int, ...] = (0, 1, 2, 3)) -> Path:
     """Draw the check prompts (`concept_check_prompts`) without and with the erasure at `artifact`, and write one
-    image beside it: a row per prompt, the `seeds` before on the left, after on the right.
+    image beside it (`studio.sample.side_by_side`).
 
     Example:
         >>> before_after(train_config, "outputs/erase/rece.safetensors")  # doctest: +SKIP
         PosixPath('outputs/erase/before-after.png')
     """
-    from PIL import Image
-
-    from studio import plugin, registry
-    from studio.pipeline import TOY_MODEL, load
-    from studio.sample import SampleSettings, generate, make_grid
+    from studio import registry
+    from studio.pipeline import TOY_MODEL
+    from studio.sample import side_by_side
 
     options = registry.get(config.method).config(config.method_options)
     prompts = concept_check_prompts(options, toy=config.model == TOY_MODEL)
-    pipe = load(config.model)
-    settings = SampleSettings(prompts=prompts, seeds=list(seeds), batch_size=len(prompts) * len(seeds))
-    before = generate(pipe, settings, progress=False)
-    plugin.apply(pipe, artifact)
-    after = generate(pipe, settings, progress=False)
-    rows = []
-    for i in range(len(prompts)):
-        row = slice(i * len(seeds), (i + 1) * len(seeds))
-        rows.append(make_grid(before[row] + after[row], columns=2 * len(seeds)))
-    sheet = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), "white")
-    for i, row in enumerate(rows):
-        sheet.paste(row, (0, i * rows[0].height))
-    path = Path(artifact).parent / BEFORE_AFTER_NAME
-    sheet.save(path)
-    return path
+    return side_by_side(config.model, artifact, prompts, seeds, Path(artifact).parent / BEFORE_AFTER_NAME)

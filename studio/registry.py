@@ -31,7 +31,7 @@ class Method:
     """A registered method: its name, its kind of job, its default learning rates and where its halves live."""
 
     name: str
-    kind: str  # "adapter" (`studio train`), "erase" (`studio erase`), "quantize", ...
+    kind: str  # "adapter" (`studio train`), "erase" (`studio erase`), "quantize" (`studio quantize`)
     summary: str
     # The default --learning-rate on the toy model: the `studio bench personalize` recipe's, measured there.
     toy_learning_rate: float
@@ -98,6 +98,15 @@ METHODS: dict[str, Method] = {
         Method("rece", "erase", "closed-form erasure in the cross-attention key/value projections (UCE + adversarial rounds)",
                toy_learning_rate=0.0, learning_rate=0.0,  # closed form: nothing is learned step by step
                trainer_class="studio.trainers.rece:RECETrainer"),
+        Method("efficientdm", "quantize", "low-bit UNet: quantization-aware LoRA distilled from the full-precision model, no data",
+               toy_learning_rate=3e-4, learning_rate=1e-4, trainer_class="studio.trainers.quantize:EfficientDMTrainer",
+               attaches="quantized weights"),
+        Method("ptq", "quantize", "low-bit UNet by calibration alone (post-training quantization, the baseline)",
+               toy_learning_rate=0.0, learning_rate=0.0,  # closed form: nothing is learned step by step
+               trainer_class="studio.trainers.quantize:PTQTrainer", attaches="quantized weights"),
+        Method("qat", "quantize", "low-bit UNet by full quantization-aware training of every quantized weight (the costly baseline)",
+               toy_learning_rate=5e-5, learning_rate=1e-6, trainer_class="studio.trainers.quantize:QATTrainer",
+               attaches="quantized weights"),
     ]
 }
 

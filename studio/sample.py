@@ -201,3 +201,32 @@ def sample(
         }
         (folder / "settings.json").write_text(json.dumps(meta, indent=2))
     return SampleResult(images=images, files=files, output_dir=folder, seconds=seconds)
+
+
+def side_by_side(model: str, artifact: str | Path, prompts: list[str], seeds: tuple[int, ...], path: str | Path) -> Path:
+    """Draw `prompts` x `seeds` with `model` as it is and with the artifact at `artifact` applied, and write one
+    image to `path`: a row per prompt, the seeds without the artifact on the left, with it on the right (an
+    erasure's before/after, a quantization's full precision vs quantized).
+
+    Example:
+        >>> side_by_side("toy", "outputs/erase/rece.safetensors", ["circle"], (0, 1), "before-after.png")  # doctest: +SKIP
+        PosixPath('before-after.png')
+    """
+    from studio import plugin
+    from studio.pipeline import load
+
+    pipe = load(model)
+    settings = SampleSettings(prompts=prompts, seeds=list(seeds), batch_size=len(prompts) * len(seeds))
+    before = generate(pipe, settings, progress=False)
+    plugin.apply(pipe, artifact)
+    after = generate(pipe, settings, progress=False)
+    rows = []
+    for i in range(len(prompts)):
+        row = slice(i * len(seeds), (i + 1) * len(seeds))
+        rows.append(make_grid(before[row] + after[row], columns=2 * len(seeds)))
+    sheet = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), "white")
+    for i, row in enumerate(rows):
+        sheet.paste(row, (0, i * rows[0].height))
+    path = Path(path)
+    sheet.save(path)
+    return path

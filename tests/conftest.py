@@ -24,6 +24,16 @@ def tiny_sdxl_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd_folder(tmp_path_factory):
+    """The tiny SD1.x fixture saved as a diffusers folder, for runs that load a model by path."""
+    from studio.testing import tiny_sd_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    tiny_sd_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     from transformers import CLIPTokenizer
 

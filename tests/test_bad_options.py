@@ -80,9 +80,11 @@ def page_call(studio_app, command: str, option: str, value: str):
                "width": "width", "height": "height"}[name]
         form[key] = value if key in ("seeds", "scheduler") else float(value)
         return studio_app.sample(studio_app.default_model, [], "a red circle", "", *form.values())
+    from studio.cli import DEFAULT_METHOD
+
     words = shlex.split(command)
-    kind = "erase" if words[0] == "erase" else "adapter"
-    method = words[words.index("--method") + 1] if "--method" in words else "lora"
+    kind = {"erase": "erase", "quantize": "quantize"}.get(words[0], "adapter")
+    method = words[words.index("--method") + 1] if "--method" in words else DEFAULT_METHOD[kind]
     common, per_method = studio_app.fields(kind)
     every = common + [f for fields in per_method.values() for f in fields]
     values = [f.default if not typing.get_origin(f.base_type) is list else ",".join(f.default or []) for f in every]
@@ -93,7 +95,7 @@ def page_call(studio_app, command: str, option: str, value: str):
         values[index] = float(value)
     except ValueError:
         values[index] = value
-    if kind == "erase":
+    if kind in ("erase", "quantize"):  # no dataset
         return studio_app.start(kind, studio_app.default_model, method, "none", "", None, *values)
     return studio_app.start(kind, studio_app.default_model, method, "ShapesWorld", DATA, None, *values)
 

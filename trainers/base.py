@@ -47,6 +47,7 @@ from studio.options import check_options, ranged
 from studio.pipeline import TOY_MODEL, default_size, load
 
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # a pipeline's text encoder components (SDXL has both)
 
 
 @dataclass
@@ -251,7 +252,7 @@ def text_encoder_names(pipe) -> list[str]:
         >>> text_encoder_names(tiny_sdxl_pipeline())
         ['text_encoder', 'text_encoder_2']
     """
-    return [name for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None]
+    return [name for name in TEXT_ENCODERS if getattr(pipe, name, None) is not None]
 
 
 def check_text_encoder_options(config: TrainConfig, adapter) -> None:
@@ -440,6 +441,18 @@ class MethodTrainer:
                                                   loop.accelerator.device)
         return loss
 
+    def parameter_groups(self, models: dict[str, torch.nn.Module], config: TrainConfig, method_config) -> list[dict]:
+        """The optimizer's parameter groups (`config.learning_rate` is the default rate): by default one per trained
+        part, the text encoders at `--text-encoder-lr`. A method with rates of its own (EfficientDM's per-layer LoRA
+        rates, its quantizers' steps) gives its groups here."""
+        groups = []
+        for part, model in models.items():
+            group = {"params": [p for p in model.parameters() if p.requires_grad]}
+            if part in TEXT_ENCODERS:
+                group["lr"] = config.text_encoder_lr or config.learning_rate
+            groups.append(group)
+        return groups
+
     def after_step(self, loop: Loop, step: int, optimizer: torch.optim.Optimizer) -> None:
         """Nothing by default (SaRA re-selects its entries half-way)."""
 
@@ -540,12 +553,8 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
     total_steps = 0 if trainer.closed_form else config.max_train_steps
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    # One parameter group per trained part: the text encoders at their own learning rate.
     te_names = text_encoder_names(pipe)
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad]} for model in models.values()]
-    for group, part in zip(groups, models):
-        if part in te_names:
-            group["lr"] = config.text_encoder_lr or config.learning_rate
+    groups = trainer.parameter_groups(models, config, method_config)
     trainable = sum(p.numel() for group in groups for p in group["params"])
     optimizer = None  # a closed-form method (RECE) has nothing to step
     if not trainer.closed_form:

@@ -4,7 +4,7 @@ The app holds no method logic: every run it starts is a `studio` command line (s
 page, to copy) queued as a background job (`studio.ui.jobs`), and its forms are built from the
 registry and the methods' config dataclasses, so a method that is registered appears here with
 no UI code of its own. A tab exists only for a kind of method that has methods: today
-"adapter" (Train) and "erase" (Erase); Quantize joins when its methods land.
+"adapter" (Train), "erase" (Erase) and "quantize" (Quantize).
 
 Example:
     >>> from studio.ui.app import build_app  # doctest: +SKIP
@@ -32,6 +32,7 @@ from studio.ui.jobs import DONE, FINISHED, STOPPED, JobQueue
 from studio import registry
 from studio.cli import check_command
 from studio.erasure import BEFORE_AFTER_NAME
+from studio.quantize import COMPARISON_NAME
 from studio.errors import StudioError
 from studio.options import unwrap_optional
 from studio.pipeline import SCHEDULERS, TOY_MODEL
@@ -43,6 +44,14 @@ ERASE_HELP = ("Erase one or more concepts (comma-separated). On the toy model a 
               "it draws (circle, red, striped, ...); it becomes another of its kind (the anchor), and every caption "
               "not naming it is kept. When done, the job shows the concept and a kept one before and after, and the "
               "erasure is in Compose & Sample's artifact list.")
+QUANTIZE_HELP = ("Make a low-bit UNet (weights and activations at the bits chosen) from the model itself: no dataset. "
+                 "ptq calibrates only (seconds); efficientdm also distils the full-precision model into a "
+                 "quantization-aware LoRA (minutes); qat trains every weight (the costly baseline). When done, the job "
+                 "shows full-precision (left) and quantized (right) samples and the file's size, and the quantized "
+                 "model is in Compose & Sample's artifact list.")
+# A finished job's result sheet (an erasure's, a quantization's) and its caption in the job's gallery.
+RESULT_SHEETS = {BEFORE_AFTER_NAME: "before (left) | after (right): the erased concept, then one kept",
+                 COMPARISON_NAME: "full precision (left) | quantized (right)"}
 
 # ShapesWorld datasets one click away (edit the spec in the page for others).
 SHAPESWORLD_PRESETS = {
@@ -68,6 +77,8 @@ class Task:
     hidden: tuple[str, ...]  # config fields the page sets itself (model, data, output folder, ...)
     data: bool = True  # the form picks a dataset (ShapesWorld or an upload); an erasure has none
     shared: type | None = None  # options every method of the kind has (EraseOptions), shown once, first
+    help: str = ""  # what the tab does, shown where a dataset would be picked
+    gallery: str = "validation samples (latest steps)"  # what the job's gallery shows
 
 
 def _tasks() -> dict[str, Task]:
@@ -75,15 +86,21 @@ def _tasks() -> dict[str, Task]:
 
     from studio.trainers.base import TrainConfig
 
-    from studio.cli import ERASE_LOOP_OPTIONS
+    from studio.cli import LOOP_OPTIONS
     from studio.erasure import EraseOptions
+    from studio.quantize import QuantizeOptions
+
+    def hidden(kind: str) -> tuple[str, ...]:  # the loop options the kind does not take, and those the page sets
+        return (tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in LOOP_OPTIONS[kind])
+                + ("method", "output_dir", "resume"))
 
     return {
         "adapter": Task("Train", "train", TrainConfig,
                         ("method", "model", "data", "output_dir", "resume", "cache_dir", "method_options")),
-        "erase": Task("Erase", "erase", TrainConfig,
-                      tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ERASE_LOOP_OPTIONS)
-                      + ("method", "output_dir", "resume"), data=False, shared=EraseOptions),
+        "erase": Task("Erase", "erase", TrainConfig, hidden("erase"), data=False, shared=EraseOptions, help=ERASE_HELP,
+                      gallery="before and after: the erased concept, then one kept"),
+        "quantize": Task("Quantize", "quantize", TrainConfig, hidden("quantize"), data=False, shared=QuantizeOptions,
+                         help=QUANTIZE_HELP, gallery="full precision (left) and quantized (right)"),
     }
 
 
@@ -375,8 +392,8 @@ class Studio:
         if not job_id:
             raise StudioError("pick a job first")
         job = self.queue.get(job_id)
-        if job.kind not in ("train", "erase"):
-            raise StudioError(f"job {job_id} is a {job.kind} job; only training and erasing jobs resume")
+        if job.kind not in ("train", "erase", "quantize"):
+            raise StudioError(f"job {job_id} is a {job.kind} job; only training, erasing and quantizing jobs resume")
         extra = ["--resume", "latest"] if (job.out / "checkpoints").is_dir() else []
         return self.status_line(self.queue.resume(job_id, extra).id)
 
@@ -419,8 +436,9 @@ class Studio:
         gallery = []
         for folder in sorted((job.out / "validation").glob("step-*"), key=lambda p: int(p.name[5:]))[-2:]:
             gallery += [(str(p), folder.name) for p in sorted(folder.glob("*.png"))]
-        if (job.out / BEFORE_AFTER_NAME).is_file():  # an erasure's prompts before (left) and after (right)
-            gallery = [(str(job.out / BEFORE_AFTER_NAME), "before (left) | after (right): the erased concept, then one kept")]
+        for name, caption in RESULT_SHEETS.items():  # an erasure's before/after, a quantization's comparison
+            if (job.out / name).is_file():
+                gallery = [(str(job.out / name), caption + _artifact_size(job.out))]
         artifacts = job_artifacts(job.out)
         artifact = str(downloadable(artifacts[0])) if job.status == DONE and artifacts else None
         return self.status_line(job_id), progress, frame, gallery, artifact, self.queue.log_tail(job_id, 8), job.command
@@ -453,8 +471,14 @@ class Studio:
         summary_file = self.data_dir / "jobs" / job_id / "out" / "summary.json"
         if summary_file.is_file():
             summary = json.loads(summary_file.read_text())
-            concepts = summary["config"]["method_options"].get("concept")
-            what = f"erases {', '.join(concepts)}" if concepts else _data_label(summary["config"]["data"])
+            options = summary["config"]["method_options"]
+            kind = registry.METHODS[method].kind if method in registry.METHODS else None
+            if kind == "erase":
+                what = f"erases {', '.join(options.get('concept') or [])}"
+            elif kind == "quantize":
+                what = options.get("bits") or registry.get(method).config({}).bits
+            else:
+                what = _data_label(summary["config"]["data"])
             parts += [what] + ([f"{summary['steps']} steps"] if summary["steps"] else [])
         ended = self.queue.get(job_id).ended
         if ended:
@@ -787,6 +811,19 @@ def build_app(data_dir: str | Path, model: str = TOY_MODEL, model_config: str | 
     return app
 
 
+def _artifact_size(out: Path) -> str:
+    """ " · file 1.9 MB" for a job folder's quantized UNet file, else "" (a size says what quantizing saved)."""
+    from studio.artifact import read_header
+
+    for path in job_artifacts(out):
+        try:
+            if registry.get(read_header(path).method).kind == "quantize":
+                return f" · file {path.stat().st_size / 1e6:.2f} MB"
+        except StudioError:
+            continue
+    return ""
+
+
 def job_artifacts(out: Path) -> list[Path]:
     """A finished training's artifact files: `<out>/<method>.safetensors`, or a folder's weights
     (`<out>/<method>/diffusion_pytorch_model.safetensors`: T2I-Adapter, ResAdapter)."""
@@ -831,7 +868,7 @@ def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State, time
                                     elem_id=f"{task.command}-upload")
                 else:  # learns from the model itself: no dataset fields (the handlers' places kept empty)
                     source, spec, files = gr.State("none"), gr.State(""), gr.State(None)
-                    gr.Markdown(ERASE_HELP)
+                    gr.Markdown(task.help)
                 by_name = {}
                 with gr.Row():
                     for f in common:
@@ -868,8 +905,7 @@ def _task_tab(studio: Studio, kind: str, task: Task, model_state: gr.State, time
         progress = gr.HTML()
         with gr.Row():
             loss = gr.LinePlot(x="step", y="loss", title="loss", height=250)
-            gallery = gr.Gallery(label="validation samples (latest steps)" if task.data else
-                                 "before and after: the erased concept, then one kept", columns=4, height=250)
+            gallery = gr.Gallery(label=task.gallery, columns=4, height=250)
         artifact = gr.File(label="artifact", interactive=False)
         log = gr.Textbox(label="log", lines=8, max_lines=8, autoscroll=True)
 

@@ -80,6 +80,27 @@ def caption_from_parts(
     )
 
 
+def caption_grid(positions: bool = True, backgrounds: bool = True):
+    """Every caption over the shapes the toy model learned x (colour or none) x (texture or none) x (position or
+    none) x (background or none), canonical words, as (its attributes, the caption); positions and backgrounds
+    left out with False.
+
+    Example:
+        >>> next(iter(caption_grid()))
+        ({'shape': 'circle', 'color': None, 'texture': None, 'position': None, 'background': None}, 'a circle')
+    """
+    import itertools
+
+    from studio.toy.render import HELDOUT_SHAPES
+
+    shapes = [s for s in SHAPE_WORDS if s not in HELDOUT_SHAPES]
+    for shape, color, texture, position, background in itertools.product(
+            shapes, [None, *COLOR_WORDS], [None, *TEXTURE_WORDS], [None, *POSITION_WORDS] if positions else [None],
+            [None, *BACKGROUND_WORDS] if backgrounds else [None]):
+        parts = {"shape": shape, "color": color, "texture": texture, "position": position, "background": background}
+        yield parts, caption_from_parts(**parts)
+
+
 def caption_from_words(adjectives: list[str], noun: str, position: str | None = None,
                        background: str | None = None) -> str:
     """The caption template over words already chosen: article, adjectives, noun, position phrase, background.
