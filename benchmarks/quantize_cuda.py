@@ -37,6 +37,20 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return round(float((a - b).norm() / b.norm()), 5)
 
 
+COMPILE = True  # --eager: the int8 layers uncompiled (torch.compile of torchao 0.18's int8 layers failed on torch 2.11)
+
+
+def baseline() -> dict:
+    """The unquantized toy model's samples on CUDA fp16 against the CPU's: how far the devices alone disagree."""
+    prompts, _ = other_prompts([], 16, seed=500)
+    settings = SampleSettings(prompts=prompts, seeds=[0], batch_size=16)
+    evaluator = load_evaluator()
+    rows = [score(generate(load("toy", device=d, dtype=t), settings, progress=False), evaluator=evaluator).rows
+            for d, t in (("cpu", "fp32"), ("cuda", "fp16"), ("cuda", "fp32"))]
+    return {"sample_agreement_cuda_fp16_vs_cpu": agreement(rows[1], rows[0]),
+            "sample_agreement_cuda_fp32_vs_cpu": agreement(rows[2], rows[0])}
+
+
 def check_file(path: str) -> dict:
     prompts, _ = other_prompts([], 16, seed=500)
     settings = SampleSettings(prompts=prompts, seeds=[0], batch_size=16)
@@ -57,7 +71,7 @@ def check_file(path: str) -> dict:
     try:
         from studio.quantize import use_int8_kernels
 
-        use_int8_kernels(pipe)
+        use_int8_kernels(pipe, compile=COMPILE)
         result["int8_kernels_vs_fake_quant"] = relative(unet_output(pipe, "cuda", torch.float32),
                                                         outputs[("cuda", torch.float32)])
     except Exception as error:  # a W4 file refuses int8 kernels: say so
@@ -69,14 +83,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="*", help="quantized toy files to check on CUDA")
     parser.add_argument("--output", default=None)
+    parser.add_argument("--eager", action="store_true", help="do not compile the int8 layers")
     args = parser.parse_args()
+    global COMPILE
+    COMPILE = not args.eager
     if not torch.cuda.is_available():
         print("error: no CUDA device", file=sys.stderr)
         return 2
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "unquantized": baseline()}
     for path in args.files:
-        result[Path(path).parent.name or Path(path).stem] = check_file(path)
-    result["int8"] = int8_speed("cuda")
+        try:
+            result[Path(path).stem] = check_file(path)
+        except Exception as error:  # keep what the other checks found
+            result[Path(path).stem] = {"error": repr(error)}
+    try:
+        result["int8"] = int8_speed("cuda", compile=COMPILE)
+    except Exception as error:
+        result["int8"] = {"error": repr(error)}
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:

@@ -474,7 +474,7 @@ class QuantizedAttachment:
         self.originals: dict[str, torch.Tensor] = {}
         self.handles = []
         self.clock = Clock(pipe.unet)
-        self.int8 = False
+        self.int8_layers: set[str] = set()  # the layers on integer kernels (`use_int8_kernels`)
         try:
             for layer_name, params in entries.items():
                 layer = pipe.unet.get_submodule(layer_name)
@@ -482,6 +482,7 @@ class QuantizedAttachment:
                 quantizer = ActQuantizer(int(params[BITS][1]), timesteps, params[ACT_STEP], params[ACT_ZERO]).to(
                     layer.weight.device)
                 layer.add_module("studio_act_quantizer", quantizer)
+                layer.studio_name = layer_name
                 self.handles.append(layer.register_forward_pre_hook(self._quantize_input))
             self._write(quantized=True)
         except BaseException:
@@ -493,7 +494,7 @@ class QuantizedAttachment:
         return [f"unet.{name}" for name in self.entries]
 
     def _quantize_input(self, module, args):
-        if not self.enabled or self.int8:
+        if not self.enabled or module.studio_name in self.int8_layers:  # torchao quantizes those inputs itself
             return None
         quantizer = module.studio_act_quantizer
         with torch.no_grad():
@@ -514,7 +515,7 @@ class QuantizedAttachment:
         self.scale = float(scale)
 
     def set_enabled(self, enabled: bool) -> None:
-        if self.int8 and enabled != self.enabled:
+        if self.int8_layers and enabled != self.enabled:
             raise StudioError(f"{self.name} runs on integer kernels: remove it (studio.plugin.remove) to go back")
         if enabled != self.enabled:
             self._write(quantized=enabled)
@@ -531,12 +532,12 @@ class QuantizedAttachment:
             with torch.no_grad():
                 for layer_name, original in self.originals.items():
                     layer = self.pipe.unet.get_submodule(layer_name)
-                    if self.int8 and isinstance(layer, nn.Linear):  # torchao's int8 weight: put a float one back
+                    if layer_name in self.int8_layers:  # torchao's int8 weight: put a float one back
                         layer.weight = nn.Parameter(original, requires_grad=False)
                     else:
                         layer.weight.copy_(original)
                     if hasattr(layer, "studio_act_quantizer"):
-                        del layer.studio_act_quantizer
+                        del layer.studio_act_quantizer, layer.studio_name
         self.originals = {}
         self.clock.remove()
 
@@ -616,6 +617,9 @@ def unet_size_bytes(unet: nn.Module, tensors: dict[str, torch.Tensor]) -> int:
 
 # ----------------------------------------------------------------------------- real integer kernels
 
+ROW_PER_IMAGE = ("time_embedding.", "time_emb_proj", "add_embedding.", "class_embedding.")  # Linears fed one row per image
+
+
 def use_int8_kernels(pipe, compile: bool = True) -> list[str]:
     """Run the Linear layers of an applied 8-bit quantized UNet on torchao's integer kernels (int8 weights per
     channel, int8 activations with torchao's own dynamic per-token scales: the file's activation steps are not
@@ -637,9 +641,12 @@ def use_int8_kernels(pipe, compile: bool = True) -> list[str]:
     if low:
         raise StudioError(f"integer kernels here are int8: this file has {len(low)} layers at fewer weight bits "
                           f"(first: {low[0]}); quantize with --bits w8a8 for them")
-    names = [n for n in attachment.entries if isinstance(pipe.unet.get_submodule(n), nn.Linear)]
+    # The time (and SDXL's added) embeddings see one row per image: integer matmuls need more rows (CUDA's, > 16)
+    # and would save nothing there, so they keep their fake-quantized float path.
+    names = [n for n in attachment.entries if isinstance(pipe.unet.get_submodule(n), nn.Linear)
+             and not any(part in n for part in ROW_PER_IMAGE)]
     int8_linear_layers(pipe.unet, names, compile)
-    attachment.int8 = True
+    attachment.int8_layers = set(names)
     return names
 
 
@@ -660,7 +667,12 @@ def int8_linear_layers(model: nn.Module, names: list[str], compile: bool = True)
     quantize_(model, Int8DynamicActivationInt8WeightConfig(),
               filter_fn=lambda module, fqn: fqn in chosen and isinstance(module, nn.Linear))
     if compile:
+        import warnings
+
         import torch._dynamo
+
+        # torchao's int8 tensor lacks a hash for the compile cache: it is only recompiled, nothing a user can act on
+        warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
 
         # Every Linear shares nn.Linear.forward: one compiled version per layer shape, more than dynamo's default 8.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(names))

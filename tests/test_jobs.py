@@ -141,8 +141,8 @@ def test_the_page_restores_a_session_for_its_own_user_only(tmp_path, toy_artifac
     alice, bob = SimpleNamespace(username="alice"), SimpleNamespace(username="bob")
     saved = studio.remember({}, job.id, stack, alice)
     *pickers, restored_stack, _ = studio.restore(saved, alice)
-    # The Train picker (a train job) and the Jobs picker; the Erase tab's picker stays as it was.
-    assert [p.get("value") for p in pickers] == [job.id, None, job.id]
+    # The Train picker (a train job) and the Jobs picker; the Erase and Quantize tabs' pickers stay as they were.
+    assert [p.get("value") for p in pickers] == [job.id, None, None, job.id]
     assert [item["name"] for item in restored_stack] == ["x"]  # the missing file is dropped
     *pickers, restored_stack, _ = studio.restore(saved, bob)
     assert restored_stack == [] and all("value" not in p for p in pickers)

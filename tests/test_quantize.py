@@ -169,8 +169,11 @@ def test_integer_kernels_agree_with_fake_quantization(efficientdm_file):
     x = torch.randn(2, 4, 16, 16)
     text = pipe.encode_prompt(["a red circle", "a blue square"], "cpu", 1, False)[0]
     fake = pipe.unet(x, 500, text).sample
-    linear = [n for n, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Linear)]
-    assert sorted(use_int8_kernels(pipe, compile=False)) == sorted(linear)
+    from studio.quantize import ROW_PER_IMAGE
+
+    linear = [n for n, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Linear)
+              and not any(part in n for part in ROW_PER_IMAGE)]
+    assert sorted(use_int8_kernels(pipe, compile=False)) == sorted(linear) and len(linear) > 50
     real = pipe.unet(x, 500, text).sample
     assert (real - fake).norm() / fake.norm() < 0.05
 

@@ -46,8 +46,8 @@ def toml_value(value) -> str:
 
 
 def shrink(argv: list[str]) -> list[str]:
-    """Fewer training steps, at most 4 ShapesWorld renders, one seed and 2 sampling steps: the same command,
-    in seconds. Example: `sample "a" --seed 0 1 2 3 --steps 20` -> `sample "a" --seed 0 --steps 2`.
+    """Fewer training steps, at most 4 ShapesWorld renders, one seed and 2 sampling steps, a quantization's teacher
+    trajectories two of two steps: the same command, in seconds. Example: `sample "a" --seed 0 1 2 3 --steps 20` -> `sample "a" --seed 0 --steps 2`.
     """
     argv = [re.sub(r"\bcount=\d+", "count=4", token) if token.startswith("shapesworld:") else token for token in argv]
     out, i = [], 0
@@ -69,6 +69,12 @@ def shrink(argv: list[str]) -> list[str]:
             i += 1
     if argv[0] == "sample" and "--steps" not in out:
         out += ["--steps", "2"]
+    if argv[0] == "quantize":  # the teacher's trajectories: two of two steps
+        for flag in ("--trajectories", "--denoising-steps"):
+            if flag in out:
+                out[out.index(flag) + 1] = "2"
+            else:
+                out += [flag, "2"]
     return out
 
 

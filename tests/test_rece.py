@@ -105,7 +105,7 @@ def test_the_toy_prompts_pair_each_caption_with_its_anchored_twin():
     ([], "no concept to erase"),
     (["--concept", "disk"], "concept 'disk' is a name for the toy model's 'circle'"),
     (["--concept", "circle", "--max-train-steps", "5"], "--max-train-steps is not used by --method rece"),
-    (["--concept", "circle", "--method", "lora"], "--method lora is not an erasure"),
+    (["--concept", "circle", "--method", "lora"], "--method lora is an adapter, not an erasure"),
 ])
 def test_bad_concepts_are_refused_in_one_line(argv, message, tmp_path, capsys):
     if "TINY" in argv:

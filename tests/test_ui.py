@@ -143,6 +143,31 @@ def test_every_registered_method_trains_from_its_generated_form(studio_server):
         assert header.method == method and header.config[key.replace(" ", "_")] == value
 
 
+def test_quantize_through_the_page(studio_server):
+    """The Quantize tab (forms from the registry): a PTQ run ends with the full-precision vs quantized sheet and the
+    file's size in its gallery, and its file is offered in Compose & Sample, labelled by its bits."""
+    url, root = studio_server
+    client = Client(url, verbose=False)
+    # (the page empties the learning rate when a method computed in one go is picked; here the form is filled directly)
+    values = form_values(client, "/start_quantize", method="ptq", bits="w8a8", trajectories=4,
+                         **{"denoising steps": 4, "learning rate": ""})
+    job, command = client.predict(*values, api_name="/start_quantize")
+    job_id = job["value"] if isinstance(job, dict) else job
+    assert "studio quantize" in command and "--bits w8a8" in command
+    deadline = time.time() + 300
+    while True:
+        status, progress, loss, gallery, artifact, log, _ = client.predict(job_id, api_name="/watch_quantize")
+        if any(word in status for word in ("**done**", "**failed**")) or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert "**done**" in status, log
+    assert len(gallery) == 1 and "full precision (left) | quantized (right) · file" in gallery[0]["caption"]
+    from studio.ui.app import Studio
+
+    labels = [label for label, path in Studio(root / "data", workers=0).artifact_choices() if job_id in path]
+    assert len(labels) == 1 and f"{job_id} · ptq · w8a8" in labels[0]
+
+
 def test_stop_and_resume(studio_server):
     url, root = studio_server
     client = Client(url, verbose=False)

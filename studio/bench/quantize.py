@@ -159,9 +159,9 @@ def _time(fn, device: str = "cpu", repeats: int = 3) -> float:
 
 
 @torch.no_grad()
-def int8_speed(device: str = "cpu") -> dict:
+def int8_speed(device: str = "cpu", compile: bool = True) -> dict:
     """int8 kernels against float32 on an SD1.5-shaped UNet (random weights), whole step and Linear layers alone, on
-    `device`."""
+    `device`; `compile`: each int8 layer compiled (`studio.quantize.int8_linear_layers`)."""
     from diffusers import UNet2DConditionModel
 
     from studio.quantize import int8_linear_layers
@@ -182,6 +182,10 @@ def int8_speed(device: str = "cpu") -> dict:
     unet(x, t, text)
     for hook in hooks:
         hook.remove()
+    from studio.quantize import ROW_PER_IMAGE
+
+    names = [n for n in linear_inputs if not any(part in n for part in ROW_PER_IMAGE)]  # as use_int8_kernels chooses
+    linear_inputs = {n: linear_inputs[n] for n in names}
     fp32_step = _time(lambda: unet(x, t, text), device)
     fp32_linear = _time(lambda: [unet.get_submodule(n)(v) for n, v in linear_inputs.items()], device)
     fp32_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
@@ -190,7 +194,7 @@ def int8_speed(device: str = "cpu") -> dict:
     int8_bytes = fp32_bytes - sum(w.numel() * 4 - w.numel() - w.shape[0] * 4 for w in linear_weights)
     quantized = copy.deepcopy(unet)
     started = time.perf_counter()
-    int8_linear_layers(quantized, list(linear_inputs))
+    int8_linear_layers(quantized, list(linear_inputs), compile)
     [quantized.get_submodule(n)(v) for n, v in linear_inputs.items()]  # compile each shape once
     compile_seconds = time.perf_counter() - started
     int8_step = _time(lambda: quantized(x, t, text), device)
@@ -200,7 +204,8 @@ def int8_speed(device: str = "cpu") -> dict:
             "fp32_linear_seconds": round(fp32_linear, 3), "int8_linear_seconds": round(int8_linear, 3),
             "compile_seconds": round(compile_seconds, 1), "linear_layers": len(linear_inputs),
             "fp32_weights_bytes": fp32_bytes, "int8_weights_bytes": int8_bytes, "device": device, "threads": torch.get_num_threads(),
-            "note": "Linear layers on torchao int8 (dynamic per-token activations, compiled); convolutions in float32"}
+            "compiled": compile,
+            "note": "Linear layers on torchao int8 (dynamic per-token activations); convolutions in float32"}
 
 
 def int8_agreement(artifact: Path, reference: Reference) -> dict:
