@@ -87,7 +87,7 @@ def page_call(studio_app, command: str, option: str, value: str):
     method = words[words.index("--method") + 1] if "--method" in words else DEFAULT_METHOD[kind]
     common, per_method = studio_app.fields(kind)
     every = common + [f for fields in per_method.values() for f in fields]
-    values = [f.default if not typing.get_origin(f.base_type) is list else ",".join(f.default or []) for f in every]
+    values = [f.default if typing.get_origin(f.base_type) is not list else ",".join(f.default or []) for f in every]
     if kind == "erase":  # the form's concept field, as the command line gives it
         values[next(i for i, f in enumerate(every) if f.name == "concept")] = words[words.index("--concept") + 1]
     index = next(i for i, f in enumerate(every) if f.name == name and f.owner in ("common", method))

@@ -36,6 +36,7 @@ def test_bench_personalize_reports_every_metric(tmp_path, capsys):
     assert result["base"]["fidelity"] == 0.0  # the toy model never draws a star for the token
 
 
+@pytest.mark.slow  # a benchmark's full run on short settings (45-70 s); `pytest -m slow`
 def test_bench_train_step_reports_ratios_intervals_and_memory(capsys):
     code = main(["bench", "train-step", "--models", "toy", "--entries", "boft", "peft-boft",
                  "--rounds", "5", "--steps", "1", "--until-ci", "--max-rounds", "5", "--ci-target", "0.5", "--threads", "1", "--json"])
@@ -150,6 +151,7 @@ def test_goals_verdicts_and_ci_notes():
         "sd15: the machine was busy (load average up to 7.6 on 2 cores): other processes' load can slow entries unequally"]
 
 
+@pytest.mark.slow  # a benchmark's full run on short settings (45-70 s); `pytest -m slow`
 def test_adapters_bench_runs_and_cleans_up(tmp_path, monkeypatch):
     """A tiny `studio bench adapters` run: every metric present and a share, the SD1.5 count the paper's 22M, and
     the temporary training output removed."""
@@ -168,6 +170,7 @@ def test_adapters_bench_runs_and_cleans_up(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # a benchmark's full run on short settings (45-70 s); `pytest -m slow`
 def test_structure_and_resolution_adapter_benches_run(tmp_path, monkeypatch):
     """Tiny T2I-Adapter and ResAdapter bench runs: every metric a share (IoU in [0, 1]), each per kind / size, the
     judges checked on true renders, the SD1.5 counts near the papers' (T2I full 77M; ResAdapter under 1M)."""
@@ -213,3 +216,20 @@ def test_erase_bench_structure(monkeypatch, capsys, tmp_path):
         for key in ("erase_rate", "synonym_rate", "synonym_prompts", "preservation", "fd_other", "adversarial_rate"):
             assert key in cell
     assert result["none"]["red"]["erase_rate"]["value"] == 1.0  # the unedited model draws red when asked
+
+
+@pytest.mark.slow  # trains five tiny quantizations (about 3 minutes); `pytest -m slow`
+def test_quantize_bench_reports_every_metric(tmp_path, monkeypatch):
+    import studio.bench.quantize as bench
+
+    monkeypatch.setattr(bench, "RECIPES", {"efficientdm": {"max_train_steps": 2}})
+    monkeypatch.setattr(bench, "QAT_CHUNK", 2)
+    monkeypatch.setattr(bench, "QAT_CAP", 1.5)
+    result = bench.quantize_bench(None, ["w8a8", "w4a8"], n_prompts=4, n_seeds=1, speed=False, work_dir=str(tmp_path))
+    for method, settings in (("ptq", ["w8a8", "w4a8"]), ("efficientdm", ["w8a8", "w4a8"]), ("qat", ["w4a8"])):
+        assert sorted(result[method]) == sorted(settings)
+        for row in result[method].values():
+            assert 0 <= row["agreement"] <= 1 and row["psnr"] > 0 and row["size_bytes"] < row["fp32_size_bytes"]
+    assert result["efficientdm"]["w4a8"]["size_bytes"] < result["efficientdm"]["w8a8"]["size_bytes"]
+    assert result["qat_time_ratio"] > 0 and result["qat_curve"]
+    assert 0 <= result["int8_agreement"]["agreement_with_fake_quant"] <= 1

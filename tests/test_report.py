@@ -16,6 +16,7 @@ def test_prompt_sets_are_fixed_and_cover_every_attribute():
     assert set(shapes) == {"star", "heart"} and all(s in p for p, s in zip(held, shapes))
 
 
+@pytest.mark.slow  # a benchmark's full run on short settings (45-70 s); `pytest -m slow`
 def test_report_json_meets_the_bar_on_a_short_run(capsys, tmp_path):
     # A shorter run of the README's report command (the full one, 200 + 40 + 2 x 100 images, is the slow test below).
     code = main(["toy", "report", "--json", "--images", "60", "--heldout-images", "10", "--paraphrase-images", "40",
