@@ -224,8 +224,15 @@ def cmd_bench_erase(args: argparse.Namespace) -> int:
 def cmd_bench_quantize(args: argparse.Namespace) -> int:
     from studio.bench.quantize import quantize_bench
 
-    result = quantize_bench(args.methods, args.bits, n_prompts=args.prompts, n_seeds=args.seeds,
-                            work_dir=args.work_dir, speed=not args.no_speed)
+    if args.no_speed and args.only_speed:
+        raise StudioError("--no-speed and --only-speed contradict each other; give one")
+    if args.only_speed:
+        from studio.bench.quantize import int8_speed
+
+        result = int8_speed()
+    else:
+        result = quantize_bench(args.methods, args.bits, n_prompts=args.prompts, n_seeds=args.seeds,
+                                work_dir=args.work_dir, speed=not args.no_speed)
     if args.output and Path(args.output).is_file():  # rows, settings and speed not re-measured stay as the file has them
         try:
             kept = json.loads(Path(args.output).read_text())
@@ -642,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=64, help="prompts drawn by every model, once per seed")
     p.add_argument("--seeds", type=int, default=2, help="sampling seeds per prompt")
     p.add_argument("--no-speed", action="store_true", help="skip the int8 kernel timing on the SD1.5-shaped UNet")
+    p.add_argument("--only-speed", action="store_true", help="only the int8 kernel timing (the file's other entries kept)")
     p.add_argument("--work-dir", default=None, help="keep the quantized files here (default: a temporary folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--output", default=None, help="also write the JSON to this file (entries not re-measured are kept)")
