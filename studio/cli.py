@@ -519,8 +519,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         unet_skeleton(args.model, args.model_config)
     app = build_app(data_dir, model=args.model, model_config=args.model_config, workers=args.workers)
     # SIGTERM ends the server like Ctrl-C, through the exit handlers: running jobs are stopped, and
-    # training jobs checkpoint, rather than left behind.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    # training jobs checkpoint, rather than left behind. Once: a second SIGTERM while the exit handlers run
+    # (stopping the jobs) would raise SystemExit inside them ("Exception ignored in atexit callback").
+    def stop(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("Diffusion Studio stopping (running jobs checkpoint and stop)", flush=True)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     print(f"Diffusion Studio on http://{args.host}:{args.port} (data in {data_dir}; {args.workers} worker(s)); Ctrl-C stops it")
     app.queue(default_concurrency_limit=8).launch(
         quiet=not args.share,  # gradio's own banner suggests launch(share=True); ours is --share

@@ -22,6 +22,7 @@ TRAIN_STEP_KEYS = {"seconds", "ratio_to_floor", "ratio_ci", "ci_halfwidth", "ci_
                    "added_memory_mb", "paper_peak_memory_mb", "paper_added_memory_mb", "trainable_params"}
 
 
+@pytest.mark.slow  # a benchmark's run on short settings; `pytest -m slow`
 def test_bench_personalize_reports_every_metric(tmp_path, capsys):
     out = tmp_path / "personalize.json"
     code = main(["bench", "personalize", "--methods", "lora", "sara", "--preservation-prompts", "4", "--seeds", "1",
@@ -195,6 +196,7 @@ def test_structure_and_resolution_adapter_benches_run(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # a benchmark's run on short settings; `pytest -m slow`
 def test_erase_bench_structure(monkeypatch, capsys, tmp_path):
     """`studio bench erase` on a tiny protocol: every metric the issue names, per row and concept, and the CLI
     keeps the concepts it did not re-measure in the output file."""

@@ -77,6 +77,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # the personalize bench on short settings; `pytest -m slow`
 def test_personalize_reports_means_intervals_and_per_seed_values(one_thread):
     result = personalize(["lora"], n_preservation=2, n_seeds=1, steps=1, train_seeds=[3, 4], sample_seed_offset=5)
     lora = result["lora"]

@@ -479,6 +479,9 @@ def test_stopping_the_app_stops_its_jobs(tmp_path):
         pid = json.loads((tmp_path / "data" / "jobs" / job_id / "job.json").read_text())["pid"]
     record = json.loads((tmp_path / "data" / "jobs" / job_id / "job.json").read_text())
     assert record["status"] == "stopped" and record["pid"] is None
+    log = (tmp_path / "server.log").read_text()  # the stop is one line, no traceback
+    assert log.count("Diffusion Studio stopping") == 1
+    assert "Traceback" not in log and "Exception ignored" not in log, log
     assert not Path(f"/proc/{pid}").exists()
     assert list((tmp_path / "data" / "jobs" / job_id / "out" / "checkpoints").glob("step-*"))
 
