@@ -126,6 +126,7 @@ def test_an_erasure_takes_no_data(tmp_path):
                           method_options={"concept": ["circle"]}))
 
 
+@pytest.mark.slow  # the README's `studio erase` commands run in the fast set (tests/test_readme_commands.py)
 def test_the_cli_writes_the_artifact_and_a_before_after_sheet(tmp_path, capsys):
     assert main(["erase", "--concept", "striped", "--output-dir", str(tmp_path)]) == 0
     assert (tmp_path / "rece.safetensors").is_file() and (tmp_path / "before-after.png").is_file()

@@ -110,6 +110,8 @@ def test_sample_with_the_trained_artifact(trained, studio_server):
     assert max(np.abs(a - b).mean() for a, b in zip(with_adapter, base)) > 0.1
 
 
+@pytest.mark.slow  # seven trainings through the page (35 s); every method's form fields are also sent through the
+# page by tests/test_bad_options.py in the fast set; `pytest -m slow`
 def test_every_registered_method_trains_from_its_generated_form(studio_server):
     """The Train form is built from the registry: each method's own option reaches its artifact."""
     from studio import registry
