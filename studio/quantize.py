@@ -525,6 +525,10 @@ class QuantizedAttachment:
         return {}
 
     def remove(self) -> None:
+        from studio.plugin import _hooked_layers
+
+        if any(hook.original is not None for _, hook in _hooked_layers(self.pipe)):  # a fuse holds these weights
+            raise StudioError("unfuse the pipeline (studio.plugin.unfuse) before removing an artifact")
         for handle in self.handles:
             handle.remove()
         self.handles = []

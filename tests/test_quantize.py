@@ -151,6 +151,10 @@ def test_apply_remove_and_other_artifacts_on_top(efficientdm_file, toy_artifact)
     assert image.shape[-1] == 3
     with pytest.raises(StudioError, match="on \\(scale 1\\) or off"):
         plugin.set_scale(pipe, name, 0.5)
+    plugin.fuse(pipe)  # the LoRA fused onto the quantized weights: the quantized file cannot come off under it
+    with pytest.raises(StudioError, match="unfuse the pipeline"):
+        plugin.remove(pipe, name)
+    plugin.unfuse(pipe)
     plugin.remove(pipe, lora)
     plugin.remove(pipe, name)
     assert all(torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters())

@@ -175,7 +175,7 @@ def test_stop_and_resume(studio_server):
     client = Client(url, verbose=False)
     values = form_values(client, "/start_train", method="lora",
                          **{"ShapesWorld spec": "shapesworld:shape=heart,count=2,caption=a {color} sks",
-                            "max train steps": 400, "train batch size": 1, "validation steps": 0})
+                            "max train steps": 200, "train batch size": 1, "validation steps": 0})
     job_id, _ = start(client, values)
     deadline = time.time() + 120
     while "step " not in client.predict(job_id, api_name="/watch_train")[1]:
@@ -183,19 +183,19 @@ def test_stop_and_resume(studio_server):
         time.sleep(0.5)
     client.predict(job_id, api_name="/stop_train")
     status = watch(client, job_id)[0]
-    assert "**stopped**" in status and re.search(r"stopped at step \d+ of 400 — Resume continues from there", status)
+    assert "**stopped**" in status and re.search(r"stopped at step \d+ of 200 — Resume continues from there", status)
     checkpoints = list((root / "data" / "jobs" / job_id / "out" / "checkpoints").glob("step-*"))
     assert len(checkpoints) == 1
     stopped_at = int(checkpoints[0].name[5:])
-    assert 0 < stopped_at < 400
+    assert 0 < stopped_at < 200
     client.predict(job_id, api_name="/resume_train")
     status, _, loss, _, artifact, log = watch(client, job_id)
     assert "**done**" in status, log
     full_log = (root / "data" / "jobs" / job_id / "log.txt").read_text()
     assert full_log.count("$ studio train") == 2 and "--resume latest" in full_log.splitlines()[-1] or \
         "--resume latest" in [line for line in full_log.splitlines() if line.startswith("$ ")][-1]
-    assert f"{stopped_at}/400" in full_log  # the second run started at the checkpoint
-    assert [row[0] for row in loss["data"]] == list(range(1, 401))
+    assert f"{stopped_at}/200" in full_log  # the second run started at the checkpoint
+    assert [row[0] for row in loss["data"]] == list(range(1, 201))
 
 
 def test_upload_checks(studio_server, tmp_path):
