@@ -389,6 +389,10 @@ def train_config_from_args(args: argparse.Namespace, kind: str = "adapter"):
         check_options(erase_options, model_tokenizer(config.model))
         if config.model == TOY_MODEL:
             erase_prompts(erase_options, toy=True)
+    if kind == "quantize" and options.get("prompts_file"):  # read before any model loads
+        from studio.sample import read_prompts_file
+
+        read_prompts_file(options["prompts_file"])
     method.config(options)  # each method option converted and range-checked, like the loop's
     check_text_encoder_options(config, method.adapter)
     check_prior_data(config, method.trainer)

@@ -368,8 +368,10 @@ def calibrate_activations(layers: dict[str, QuantLayer], run_timestep, timesteps
     for layer in layers.values():
         layer.calibrated.fill_(False)
         layer.observer = observe
+    from tqdm.auto import tqdm
+
     try:
-        for k in range(len(timesteps)):
+        for k in tqdm(range(len(timesteps)), desc="calibrate activations", leave=False):
             run_timestep(k)
     finally:
         for layer in layers.values():

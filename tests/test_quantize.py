@@ -232,6 +232,7 @@ def test_cli_quantize_on_the_sd_and_sdxl_fixtures(fixture, request, tmp_path, ca
     (["--method", "lora"], "--method lora is an adapter, not a quantization"),
     (["--trajectories", "0"], "--trajectories 0: must be"),
     (["--data", "shapesworld:shape=star,count=2"], "unrecognized arguments"),
+    (["--prompts-file", "no-such-prompts.txt"], "prompts file no-such-prompts.txt not found"),
 ])
 def test_bad_quantize_options_are_refused_in_one_line(argv, message, tmp_path, capsys):
     code, out, err = _cli(["quantize", "--output-dir", str(tmp_path), *argv], capsys)

@@ -162,7 +162,7 @@ def test_quantize_through_the_page(studio_server):
         if any(word in status for word in ("**done**", "**failed**")) or time.time() > deadline:
             break
         time.sleep(1)
-    assert "**done**" in status, log
+    assert "**done** — ptq: w8a8" in status, log
     assert len(gallery) == 1 and "full precision (left) | quantized (right) · file" in gallery[0]["caption"]
     from studio.ui.app import Studio
 

@@ -106,7 +106,7 @@ def _tasks() -> dict[str, Task]:
 
 # -- forms from config dataclasses ------------------------------------------------------
 
-BASIC_OPTIONS = ("max_train_steps", "learning_rate", "concept", "preserve", "anchor")  # shown first; the rest fold away
+BASIC_OPTIONS = ("max_train_steps", "learning_rate", "concept", "preserve", "anchor", "bits")  # shown first; the rest fold away
 
 
 @dataclass(frozen=True)
@@ -306,7 +306,10 @@ class Studio:
         uploaded = self.tasks[kind].data and source != "ShapesWorld"
         if uploaded:
             checked = uploads.check_dataset(files or [], self.upload_dir)
-        if not self.tasks[kind].data:
+        if kind == "quantize":  # the bits chosen (the default's when left as it is)
+            bits = argv[argv.index("--bits") + 1] if "--bits" in argv else registry.get(method).config({}).bits
+            title = f"{argv[2]}: {bits}"
+        elif not self.tasks[kind].data:
             title = f"{argv[2]}: " + ", ".join(argv[i + 1] for i, a in enumerate(argv) if a == "--concept")
         else:
             title = f"{argv[2]} on {_short(spec) if source == 'ShapesWorld' else 'upload'}"
