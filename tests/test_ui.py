@@ -170,6 +170,8 @@ def test_quantize_through_the_page(studio_server):
     assert len(labels) == 1 and f"{job_id} · ptq · w8a8" in labels[0]
 
 
+@pytest.mark.slow  # 25 s; the queue's stop/checkpoint/resume (tests/test_jobs.py) and the loop's exact resume after
+# SIGTERM (tests/test_train.py) run in the fast set; `pytest -m slow`
 def test_stop_and_resume(studio_server):
     url, root = studio_server
     client = Client(url, verbose=False)
