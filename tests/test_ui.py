@@ -442,12 +442,14 @@ def test_every_tab_in_headless_chromium(trained, studio_server, tmp_path):
         concept.fill("dog")
         page.get_by_role("button", name="Start", exact=True).last.click()
         expect(page.get_by_text("concept 'dog' is not one the toy model draws")).to_be_visible(timeout=30_000)
-        concept.fill("circle")
-        page.get_by_role("button", name="Start", exact=True).last.click()
-        expect(page.get_by_text(re.compile(r"^done — rece: circle"))).to_be_visible(timeout=120_000)
-        expect(page.get_by_text("before (left) | after (right)").first).to_be_visible(timeout=30_000)
-        page.wait_for_timeout(1000)  # the gallery draws
-        page.screenshot(path=shots / "erase.png", full_page=True)
+        if os.environ.get("STUDIO_SCREENSHOTS"):  # the run to done, for its screenshot (in CI a no-data tab's run to
+            # done is tests/test_ui.py::test_quantize_through_the_page, through the same handlers)
+            concept.fill("circle")
+            page.get_by_role("button", name="Start", exact=True).last.click()
+            expect(page.get_by_text(re.compile(r"^done — rece: circle"))).to_be_visible(timeout=120_000)
+            expect(page.get_by_text("before (left) | after (right)").first).to_be_visible(timeout=30_000)
+            page.wait_for_timeout(1000)  # the gallery draws
+            page.screenshot(path=shots / "erase.png", full_page=True)
         browser.close()
     assert len(list(shots.glob("*.png"))) >= 5
 
