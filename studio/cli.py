@@ -189,16 +189,21 @@ def cmd_bench_personalize(args: argparse.Namespace) -> int:
     return print_result(result, args)
 
 
+def previous_results(path: str) -> dict:
+    """What a bench's `--output` file already holds (entries a partial re-run keeps); {} when it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError:
+        return {}
+
+
 def cmd_bench_adapters(args: argparse.Namespace) -> int:
     from studio.bench.adapters import BENCHES, adapters
 
     result = adapters(args.adapters, n_refs=args.references, steps=args.max_train_steps, work_dir=args.work_dir,
                       train_seed=args.train_seed)
     if args.output and Path(args.output).is_file():  # one adapter re-measured: the others' entries stay in the file
-        try:
-            kept = json.loads(Path(args.output).read_text())
-        except json.JSONDecodeError:
-            kept = {}
+        kept = previous_results(args.output)
         result = {name: result.get(name, kept.get(name)) for name in BENCHES if name in result or name in kept}
     return print_result(result, args)
 
@@ -209,10 +214,7 @@ def cmd_bench_erase(args: argparse.Namespace) -> int:
     result = erase_bench(args.methods, args.concepts, n_prompts=args.prompts, n_other=args.other_prompts,
                          n_seeds=args.seeds, work_dir=args.work_dir)
     if args.output and Path(args.output).is_file():  # rows and concepts not re-measured stay as the file has them
-        try:
-            kept = json.loads(Path(args.output).read_text())
-        except json.JSONDecodeError:
-            kept = {}
+        kept = previous_results(args.output)
         merged = {**kept, **result}
         for row in ROWS:
             if isinstance(kept.get(row), dict) and row in result:
@@ -234,10 +236,7 @@ def cmd_bench_quantize(args: argparse.Namespace) -> int:
         result = quantize_bench(args.methods, args.bits, n_prompts=args.prompts, n_seeds=args.seeds,
                                 work_dir=args.work_dir, speed=not args.no_speed)
     if args.output and Path(args.output).is_file():  # rows, settings and speed not re-measured stay as the file has them
-        try:
-            kept = json.loads(Path(args.output).read_text())
-        except json.JSONDecodeError:
-            kept = {}
+        kept = previous_results(args.output)
         for key, value in kept.items():
             if key not in result:
                 result[key] = value

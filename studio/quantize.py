@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -41,7 +42,8 @@ from studio.errors import StudioError
 from studio.options import ranged
 from studio.targets import layer_forward, replace_module
 
-BIT_SETTINGS = ("w8a8", "w6a6", "w4a8", "w4a4")
+BitSetting = Literal["w8a8", "w6a6", "w4a8", "w4a4"]  # w: weight bits, a: activation bits
+BIT_SETTINGS = typing.get_args(BitSetting)
 EDGE_BITS = (8, 8)  # the input/output convs and the embeddings, whatever the setting (the paper's W8A8 there)
 LP_NORM = 2.4  # the range search's error norm (the reference's)
 SEARCH_CANDIDATES = 80  # shrink factors 1.00, 0.99, ... 0.21 of the full range
@@ -60,7 +62,7 @@ class QuantizeOptions:
     """What every quantization method takes: the bit setting and the teacher's trajectories (prompts, steps,
     guidance) that calibration and distillation see."""
 
-    bits: Literal["w8a8", "w6a6", "w4a8", "w4a4"] = "w4a8"
+    bits: BitSetting = "w4a8"
     prompts_file: str | None = None  # one prompt per line (default: the toy captions; elsewhere a shipped generic list)
     trajectories: int = ranged(64, 1, 100_000)  # teacher trajectories, one prompt and seed each
     denoising_steps: int = ranged(20, 2, 1000)  # DDIM steps of each trajectory (the calibrated timesteps)
