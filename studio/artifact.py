@@ -10,10 +10,17 @@ Header metadata (safetensors metadata is str -> str):
 - `studio.trigger_words` (optional) the words of its training captions that the
                         toy vocabulary lacks ("sks"), as a JSON list, so the toy
                         model's unknown-word warning leaves them out
+- `studio.sha256`       the content hash: SHA-256 of every other header entry and
+                        of each tensor's name, dtype, shape and bytes (see
+                        `content_digest`), checked before a file's tensors are used
 
 `studio.plugin` reads the header to know what a file holds, and
 `check_fingerprint` refuses a file made on another base model, naming the
-layers that differ.
+layers that differ. A file whose bytes changed after it was written (a bad
+download, a flipped bit) fails its content hash; a file with the studio header
+and no hash is refused. The hash guards against damage, not against a forger
+(who can recompute it): what protects against a hostile file is that nothing is
+unpickled and every header is validated before it is used.
 
 Example:
     >>> import torch
@@ -25,13 +32,19 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
+import re
+import struct
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
 from studio.errors import StudioError
 from studio.pipeline import check_safetensors
@@ -42,6 +55,7 @@ VERSION_KEY = "studio.version"
 CONFIG_KEY = "studio.config"
 FINGERPRINT_KEY = "studio.fingerprint"
 TRIGGER_WORDS_KEY = "studio.trigger_words"  # caption words the toy vocabulary lacks ("sks"), as JSON
+CONTENT_HASH_KEY = "studio.sha256"  # the content hash (content_digest), written by save_artifact
 FOLDER_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # a model folder's weights, as save_pretrained names them
 
 
@@ -126,10 +140,87 @@ def save_artifact(
         FINGERPRINT_KEY: json.dumps(base_fingerprint, sort_keys=True),
         **(extra_metadata or {}),
     }
-    partial = path.with_name(path.name + ".partial")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(partial), metadata=metadata)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    # Serialized once without the hash to compute it over exactly the bytes the file will hold, then with it.
+    unhashed = save(tensors, metadata=metadata)
+    (header_len,) = struct.unpack("<Q", unhashed[:8])
+    digest = content_digest(io.BytesIO(unhashed), json.loads(unhashed[8:8 + header_len]), 8 + header_len)
+    write_atomically(path, save(tensors, metadata={**metadata, CONTENT_HASH_KEY: digest}))
+    return path
+
+
+def write_atomically(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder, flushed to disk and then renamed over
+    `path`: a crash or a kill at any moment leaves either the old file or the new one, never a truncated one.
+
+    Example:
+        >>> write_atomically("/tmp/note.txt", b"done")
+        PosixPath('/tmp/note.txt')
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    with open(partial, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     partial.replace(path)
     return path
+
+
+def content_digest(stream, header: dict, data_start: int) -> str:
+    """SHA-256 of a safetensors file's content as read from `stream` (`header` is its parsed header, `data_start`
+    where its tensor data begins): the header's metadata but the hash itself, as sorted JSON, then per tensor in
+    name order its name, dtype, shape, byte count and bytes. Independent of the header's formatting and of the
+    tensors' order in the file.
+
+    Example:
+        >>> path = save_artifact("/tmp/a.safetensors", {"w": torch.zeros(2)}, "lora", {}, {})
+        >>> verify_content(path)
+    """
+    digest = hashlib.sha256()
+    metadata = {k: v for k, v in (header.get("__metadata__") or {}).items() if k != CONTENT_HASH_KEY}
+    digest.update(json.dumps(metadata, sort_keys=True).encode())
+    for name in sorted(k for k in header if k != "__metadata__"):
+        entry = header[name]
+        start, end = entry["data_offsets"]
+        digest.update(json.dumps([name, entry["dtype"], entry["shape"], end - start]).encode())
+        stream.seek(data_start + start)
+        left = end - start
+        while left:
+            chunk = stream.read(min(left, 1 << 20))
+            if not chunk:
+                raise StudioError(f"tensor {name!r} ends past the end of the file: it is truncated")
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
+def stored_hash(path: Path, metadata: dict[str, str]) -> str:
+    """The content hash a studio header records, or a `StudioError` if it has none (or a malformed one)."""
+    expected = metadata.get(CONTENT_HASH_KEY, "")
+    if not re.fullmatch(r"[0-9a-f]{64}", expected):
+        raise StudioError(f"{path} has a studio header but no valid content hash ({CONTENT_HASH_KEY}): it was written "
+                          "by an older Diffusion Studio or its header was edited, so its content cannot be checked; "
+                          "retrain or re-export it")
+    return expected
+
+
+def verify_content(path: str | Path) -> None:
+    """Refuse a studio artifact whose content no longer matches the hash in its header (or that has none).
+
+    Example:
+        >>> verify_content("outputs/star/lora.safetensors")  # doctest: +SKIP
+    """
+    path = artifact_file(path)
+    header = check_safetensors(path)
+    expected = stored_hash(path, header.get("__metadata__") or {})
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        actual = content_digest(f, header, 8 + header_len)
+    if actual != expected:
+        raise StudioError(f"{path} is damaged: its content does not match the hash in its header (changed bytes, a bad "
+                          "download or copy); re-download or re-export it")
 
 
 def artifact_file(path: str | Path) -> Path:
@@ -176,6 +267,7 @@ def read_header(path: str | Path) -> ArtifactHeader:
             f"{path} has no {METHOD_KEY} in its header: it was not written by Diffusion Studio; "
             "convert it first with `studio convert`"
         )
+    stored_hash(path, metadata)
     try:
         config = json.loads(metadata.get(CONFIG_KEY, "{}"))
         base = json.loads(metadata.get(FINGERPRINT_KEY, "{}"))
@@ -184,11 +276,39 @@ def read_header(path: str | Path) -> ArtifactHeader:
         raise StudioError(f"{path} has a corrupt studio header ({err})") from None
     if not isinstance(trigger_words, list) or not all(isinstance(w, str) for w in trigger_words):
         raise StudioError(f"{path} has a corrupt studio header ({TRIGGER_WORDS_KEY} is not a list of words)")
+    if not isinstance(config, dict):
+        raise StudioError(f"{path} has a corrupt studio header ({CONFIG_KEY} is not a JSON object)")
+    layers = base.get("layers", {}) if isinstance(base, dict) else None
+    if not isinstance(layers, dict) or not all(
+            shape is None or (isinstance(shape, list) and all(isinstance(n, int) for n in shape)) for shape in layers.values()):
+        raise StudioError(f"{path} has a corrupt studio header ({FINGERPRINT_KEY} is not a model and its layer shapes)")
     extra = {k: v for k, v in metadata.items() if not k.startswith("studio.")}
     return ArtifactHeader(metadata[METHOD_KEY], metadata.get(VERSION_KEY, "?"), config, base, extra, trigger_words)
 
 
 def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], ArtifactHeader]:
-    """The tensors and the header of an artifact."""
+    """The tensors and the header of an artifact, its content hash checked first.
+
+    Example:
+        >>> tensors, header = load_artifact("outputs/star/lora.safetensors")  # doctest: +SKIP
+    """
     header = read_header(path)
-    return load_file(str(path)), header
+    return load_tensors(path), header
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a `.safetensors` file: a studio artifact's after its content hash is checked (a file of
+    another tool's, without the studio header, as it is); anything safetensors refuses as a `StudioError`.
+
+    Example:
+        >>> load_tensors("outputs/star/lora.safetensors")["unet.conv_in.lora_A"].shape  # doctest: +SKIP
+        torch.Size([4, 4, 3, 3])
+    """
+    path = artifact_file(path)
+    if METHOD_KEY in (check_safetensors(path).get("__metadata__") or {}):
+        verify_content(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, ValueError, OSError) as err:
+        raise StudioError(f"{path} is corrupt: safetensors cannot read it ({str(err)[:200]}); re-download or "
+                          "re-export it") from None

@@ -46,12 +46,16 @@ def parse_adapter_arg(spec: str) -> tuple[Path, float]:
         >>> parse_adapter_arg("star.safetensors:0.8")
         (PosixPath('star.safetensors'), 0.8)
     """
+    from studio.plugin import check_scale
+
     path, sep, scale = spec.rpartition(":")
     if sep:
         try:
-            return Path(path), float(scale)
+            value = float(scale)
         except ValueError:
             pass  # a ':' inside the path, no scale
+        else:
+            return Path(path), check_scale(value, f"--adapter {spec}")
     path = Path(spec)
     if not path.exists():
         raise StudioError(f"adapter file {path} not found (use --adapter FILE[:SCALE]; a T2I-Adapter is its folder)")
@@ -398,11 +402,21 @@ def train_config_from_args(args: argparse.Namespace, kind: str = "adapter"):
     return config
 
 
+def _reporting_process() -> bool:
+    """Whether this process reports a run's result (under `accelerate launch`, the main one; the others have
+    trained their share and return quietly)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from studio.trainers.base import train
 
     config = train_config_from_args(args)
     result = train(config)
+    if not _reporting_process():
+        return 0
     print(json.dumps({"artifact": str(result.artifact), "steps": result.steps, "seconds": round(result.seconds, 1),
                       "trainable_params": result.trainable_params, "final_loss": result.final_loss,
                       "skipped_images": result.data_summary["skipped"]}))
@@ -415,6 +429,8 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
     config = train_config_from_args(args, kind="erase")
     result = train(config)
+    if not _reporting_process():
+        return 0
     grid = before_after(config, result.artifact)
     print(json.dumps({"artifact": str(result.artifact), "seconds": round(result.seconds, 1), "steps": result.steps,
                       "before_after": str(grid)}))
@@ -427,6 +443,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     config = train_config_from_args(args, kind="quantize")
     result = train(config)
+    if not _reporting_process():
+        return 0
     sheet = comparison_sheet(config, result.artifact)
     print(json.dumps({"artifact": str(result.artifact), "seconds": round(result.seconds, 1), "steps": result.steps,
                       "bits": config.method_options.get("bits", "w4a8"),
@@ -435,9 +453,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from studio.artifact import read_header
+    from studio.artifact import read_header, verify_content
 
     header = read_header(args.file)
+    verify_content(args.file)  # inspecting a file says whether it is intact
     result = {"method": header.method, "version": header.version, "config": header.config,
               "fingerprint": {"model": header.fingerprint.get("model"), "layers": len(header.fingerprint.get("layers", {}))},
               "metadata": sorted(header.extra)}

@@ -29,13 +29,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from studio import registry
 from studio.artifact import (
     METHOD_KEY,
     ArtifactHeader,
     fingerprint,
+    load_tensors,
     read_header,
     save_artifact,
 )
@@ -190,7 +191,7 @@ def to_peft(path: str | Path, output: str | Path) -> Path:
     header = read_header(path)
     peft_form(header)  # refuses methods PEFT lacks
     adapter = registry.get(header.method).adapter
-    tensors = load_file(str(path))
+    tensors = load_tensors(path)
     unexpected = [key for key in tensors if not key.startswith(adapter.KEY_PREFIX)]
     if unexpected:
         raise StudioError(f"{path}: unexpected tensor {unexpected[0]!r} for {header.method}; only UNet adapters convert to peft")
@@ -244,7 +245,7 @@ def to_kohya(path: str | Path, output: str | Path) -> Path:
         return _spm_to_kohya(path, output, header)
     if header.method != "lora":
         raise StudioError(f"{path} holds {header.method}; only LoRA and SPM files have a kohya layout")
-    stored = load_file(str(path))
+    stored = load_tensors(path)
     sdxl = any(key.startswith("text_encoder_2.") for key in stored)
     kohya_prefix = {"unet.": KOHYA_UNET_PREFIX, "text_encoder.": "lora_te1_" if sdxl else "lora_te_",
                     "text_encoder_2.": "lora_te2_"}
@@ -274,7 +275,7 @@ def _spm_to_kohya(path: str | Path, output: str | Path, header: ArtifactHeader) 
     LoRA, without Facilitated Transport."""
     from studio.adapters import spm
 
-    stored = load_file(str(path))
+    stored = load_tensors(path)
     tensors = {}
     for key, value in stored.items():
         layer, _, param = key[len(spm.KEY_PREFIX):].rpartition(".")
@@ -307,8 +308,7 @@ def from_kohya(path: str | Path, output: str | Path, model: str = "toy") -> Path
     from studio.targets import file_module_name
 
     path = Path(path)
-    check_safetensors(path)
-    tensors = load_file(str(path))
+    tensors = load_tensors(path)
     # kohya prefix -> (pipeline part, what an error calls it)
     parts = {KOHYA_UNET_PREFIX: ("unet", "UNet"), "lora_te_": ("text_encoder", "text encoder"),
              "lora_te1_": ("text_encoder", "text encoder"), "lora_te2_": ("text_encoder_2", "second text encoder")}
@@ -421,7 +421,7 @@ def to_lycoris(path: str | Path, output: str | Path, model: str = "toy") -> Path
     if header.method == "lora":
         return to_kohya(path, output)
     adapter = registry.get(header.method).adapter
-    tensors = load_file(str(path))
+    tensors = load_tensors(path)
     unexpected = [key for key in tensors if not key.startswith(adapter.KEY_PREFIX)]
     if unexpected:
         raise StudioError(f"{path}: unexpected tensor {unexpected[0]!r} for {header.method}; only UNet adapters convert to lycoris")
@@ -474,7 +474,7 @@ def is_lycoris_file(path: str | Path) -> bool:
         True
     """
     check_safetensors(Path(path))
-    return any(_lycoris_algo(params) != "lora" for params in _lycoris_modules(load_file(str(path))).values())
+    return any(_lycoris_algo(params) != "lora" for params in _lycoris_modules(load_tensors(path)).values())
 
 
 def _diag_oft_weight(weight: torch.Tensor, params: dict[str, torch.Tensor], module: str) -> torch.Tensor:
@@ -537,7 +537,7 @@ def from_lycoris(path: str | Path, output: str | Path, model: str = "toy") -> Pa
 
     path = Path(path)
     check_safetensors(path)
-    modules = _lycoris_modules(load_file(str(path)))
+    modules = _lycoris_modules(load_tensors(path))
     algos = {stem: _lycoris_algo(params) for stem, params in modules.items()}
     if algos and set(algos.values()) == {"lora"}:
         return from_kohya(path, output, model=model)

@@ -119,7 +119,7 @@ def folder_examples(folder: Path, default_caption: str | None, trigger: str | No
             with Image.open(path) as img:
                 img.load()
                 image = img.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as err:
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
             skipped.append(str(path))
             continue

@@ -10,7 +10,14 @@ Example:
 
 
 class StudioError(Exception):
-    """A problem with the user's input, worded for the user."""
+    """A problem with the user's input, worded for the user: always one line (a name read from a damaged file may
+    hold line breaks or other control characters: they are shown escaped, as in a Python string)."""
+
+    def __init__(self, message: str = "") -> None:
+        message = str(message)
+        if not message.isprintable():
+            message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+        super().__init__(message)
 
 
 class TrainingStopped(StudioError):

@@ -107,10 +107,21 @@ def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+# safetensors' own cap on a header (its Rust reader refuses larger ones): a bigger claim is refused before it is read.
+MAX_HEADER_BYTES = 100_000_000
+# Bytes per element of each safetensors dtype; an entry's byte range must equal its shape's count times this, so an
+# absurd shape is refused from the header alone (sub-byte and unlisted dtypes are left to safetensors' own checks).
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+
+
 def check_safetensors(path: Path) -> dict:
     """Read and validate a `.safetensors` header without loading tensors; return the header.
 
-    A truncated or corrupt file raises `StudioError` naming it.
+    A truncated or corrupt file raises `StudioError` naming it: a header larger than safetensors allows, or one
+    that is not a JSON object of entries `{"dtype", "shape", "data_offsets"}` (plus a `__metadata__` of strings),
+    an entry whose byte range does not fit its shape and dtype, or data past the end of the file. Nothing is
+    allocated for the tensors, so an absurd shape costs nothing.
 
     Example:
         >>> check_safetensors(Path("missing.safetensors"))  # doctest: +SKIP
@@ -123,18 +134,52 @@ def check_safetensors(path: Path) -> dict:
         (header_len,) = struct.unpack("<Q", head)
         if header_len <= 0 or 8 + header_len > size:
             raise StudioError(f"{path} is truncated or corrupt: its header claims {header_len} bytes but the file has {size}")
+        if header_len > MAX_HEADER_BYTES:
+            raise StudioError(f"{path} is corrupt: its header claims {header_len} bytes, more than safetensors allows "
+                              f"({MAX_HEADER_BYTES}); re-download or re-export it")
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise StudioError(f"{path} is corrupt: its safetensors header is not valid JSON ({err})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise StudioError(f"{path} is corrupt: its safetensors header is not valid JSON ({type(err).__name__})") from None
     if not isinstance(header, dict):
         raise StudioError(f"{path} is corrupt: its safetensors header is not a JSON object")
-    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + data_end > size:
-        raise StudioError(
-            f"{path} is truncated: its tensors need {8 + header_len + data_end} bytes but the file has {size}; re-download it"
-        )
+    data_size = size - 8 - header_len
+    for name, entry in header.items():
+        problem = _entry_problem(name, entry, data_size)
+        if problem:
+            raise StudioError(f"{path} is corrupt: {problem}; re-download or re-export it")
     return header
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry_problem(name: str, entry, data_size: int) -> str | None:
+    """What is wrong with one entry of a safetensors header (None if nothing)."""
+    if name == "__metadata__":
+        if entry is not None and (not isinstance(entry, dict)
+                                  or not all(isinstance(v, str) for v in entry.values())):
+            return "its __metadata__ is not a map of strings"
+        return None
+    shown = repr(name[:80])
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        return f"tensor {shown} is not described by dtype, shape and data_offsets"
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or not isinstance(shape, list) or not all(_whole(n) for n in shape):
+        return f"tensor {shown} has an invalid dtype or shape"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(n) for n in offsets)
+            and offsets[0] <= offsets[1]):
+        return f"tensor {shown} has invalid data offsets {str(offsets)[:80]}"
+    if offsets[1] > data_size:
+        return f"tensor {shown} needs data up to byte {offsets[1]}, past the file's end ({data_size}): it is truncated"
+    if dtype in DTYPE_BYTES:
+        count = 1
+        for n in shape:
+            count *= n
+        if count * DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
+            return f"tensor {shown} of shape {shape[:8]} {dtype} does not fit its {offsets[1] - offsets[0]} bytes"
+    return None
 
 
 def _is_sdxl_checkpoint(header: dict) -> bool:

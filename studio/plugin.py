@@ -47,11 +47,10 @@ from pathlib import Path
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from safetensors.torch import load_file
 from torch import nn
 
 from studio import registry
-from studio.artifact import artifact_file, artifact_name, check_fingerprint, read_header
+from studio.artifact import METHOD_KEY, artifact_file, artifact_name, check_fingerprint, load_tensors, read_header
 from studio.errors import StudioError
 from studio.targets import layer_forward, model_module_name
 
@@ -289,6 +288,7 @@ def apply(pipe, path: str | Path, scale: float = 1.0, name: str | None = None) -
         >>> apply(pipe, "outputs/star/lora.safetensors", scale=0.8)  # doctest: +SKIP
         'lora'
     """
+    check_scale(scale, path)
     path = artifact_file(path)
     header = _header(path)
     method = registry.get(header.method)
@@ -296,7 +296,7 @@ def apply(pipe, path: str | Path, scale: float = 1.0, name: str | None = None) -
         name = _unique_name(artifact_name(path), _registry(pipe))
     if name in _registry(pipe):
         raise StudioError(f"an artifact named {name!r} is already applied; pass another name or remove it first")
-    tensors = load_file(str(path))
+    tensors = load_tensors(path)
     if any(hook.original is not None for _, hook in _hooked_layers(pipe)):
         raise StudioError("unfuse the pipeline (studio.plugin.unfuse) before applying another artifact")
     if method.attaches != "weights":  # a method of its own kind (attention processors, an added network, norms)
@@ -334,6 +334,9 @@ def attach_weights(pipe, name: str, method: registry.Method, config: dict, base_
             layer_path = model_module_name(model, file_name)
             try:
                 layer = _plain_layer(model.get_submodule(layer_path))
+            except AttributeError:
+                raise StudioError(f"{path}: {part} has no layer {file_name!r}; the file was made for another model, "
+                                  "or is damaged") from None
             except StudioError as error:
                 raise StudioError(f"{path}: layer {part}.{file_name}: {error}") from None
             if not isinstance(layer, (nn.Linear, nn.Conv2d)):
@@ -380,16 +383,38 @@ def _header(path: Path):
     try:
         return read_header(path)
     except StudioError:
-        keys = [key for key in check_safetensors(path) if key != "__metadata__"] if path.is_file() else []
-        for method in registry.METHODS.values():
-            if method.attaches != "weights" and method.adapter.recognises(keys):
+        header = check_safetensors(path) if path.is_file() else {}
+        if METHOD_KEY in (header.get("__metadata__") or {}):  # our file, damaged: its own error
+            raise
+        keys = [key for key in header if key != "__metadata__"]
+        for method in registry.METHODS.values():  # a method whose layout other tools write too says `recognises`
+            recognises = getattr(method.adapter, "recognises", None)
+            if method.attaches != "weights" and recognises is not None and recognises(keys):
                 return ArtifactHeader(method.name, "?", {}, {}, {}, [])
         raise
 
 
+SCALES = (-2.0, 2.0)  # an artifact's scale: negative reverses it (a slider LoRA's other end); beyond 2 it only breaks
+
+
+def check_scale(scale: float, path: str | Path | None = None) -> float:
+    """`scale` if it is a number in `SCALES`, else a `StudioError` naming it.
+
+    Example:
+        >>> check_scale(0.8)
+        0.8
+    """
+    low, high = SCALES
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not low <= scale <= high:
+        shown = f"{path}: " if path else ""
+        raise StudioError(f"{shown}scale {scale!r} is out of range: an artifact's scale is a number from {low:g} to "
+                          f"{high:g} (1 as trained, 0 off, negative reverses it)")
+    return float(scale)
+
+
 def set_scale(pipe, name: str, scale: float) -> None:
     """Change the scale of an applied artifact (0 switches it off)."""
-    _registry(pipe)[_known(pipe, name)].set_scale(scale)
+    _registry(pipe)[_known(pipe, name)].set_scale(check_scale(scale))
 
 
 def set_enabled(pipe, name: str, enabled: bool) -> None:

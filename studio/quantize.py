@@ -563,14 +563,37 @@ def read_entries(tensors: dict[str, torch.Tensor], path: Path) -> tuple[dict[str
             raise StudioError(f"{path}: unexpected tensor {key!r} in a quantized UNet file")
         entries.setdefault(layer_name, {})[param] = value
     timesteps = tensors[TIMESTEPS]
+    if timesteps.dim() != 1 or not len(timesteps) or not timesteps.is_floating_point() or not timesteps.isfinite().all():
+        raise StudioError(f"{path}: {TIMESTEPS} is not a list of timesteps; the file is damaged")
     for layer_name, params in entries.items():
         missing = [p for p in PARAMS if p not in params]
         if missing:
             raise StudioError(f"{path}: layer {layer_name} lacks {', '.join(missing)}; the file is damaged")
-        if params[ACT_STEP].shape != timesteps.shape or params[ACT_ZERO].shape != timesteps.shape:
-            raise StudioError(f"{path}: layer {layer_name} has {params[ACT_STEP].numel()} activation steps for "
-                              f"{timesteps.numel()} timesteps; the file is damaged")
+        problem = _entry_problem(params, timesteps)
+        if problem:
+            raise StudioError(f"{path}: layer {layer_name} {problem}; the file is damaged")
     return entries, timesteps
+
+
+def _entry_problem(params: dict[str, torch.Tensor], timesteps: torch.Tensor) -> str | None:
+    """What is wrong with one layer's entries in a quantized file, before any of them is used (None: nothing)."""
+    bits = params[BITS]
+    if bits.dtype != torch.uint8 or bits.shape != (2,) or not ((bits >= 2) & (bits <= 8)).all():
+        return "has no valid bit widths (two whole numbers from 2 to 8)"
+    if params[QWEIGHT].dtype != torch.uint8 or params[QWEIGHT].dim() != 1:
+        return "has packed weights that are not a row of bytes"
+    step, zero = params[WEIGHT_STEP], params[WEIGHT_ZERO]
+    if step.dim() != 1 or not step.is_floating_point() or not (step.isfinite() & (step > 0)).all():
+        return "has weight steps that are not positive numbers, one per output channel"
+    if zero.shape != step.shape:
+        return f"has {zero.numel()} weight zero points for {step.numel()} steps"
+    for name in (ACT_STEP, ACT_ZERO):
+        values = params[name]
+        if values.shape != timesteps.shape or not values.is_floating_point() or not values.isfinite().all():
+            return f"has {values.numel()} activation {name.split('_')[-1]}s for {timesteps.numel()} timesteps"
+    if not (params[ACT_STEP] > 0).all():
+        return "has activation steps that are not positive"
+    return None
 
 
 def attach(pipe, tensors: dict[str, torch.Tensor], path: Path, scale: float, name: str) -> QuantizedAttachment:

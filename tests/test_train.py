@@ -1,4 +1,9 @@
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,7 +114,8 @@ def test_bad_training_input(tmp_path, capsys):
     assert main(["train", "--method", "dora", "--data", STAR]) == 2
     assert "unknown method 'dora'" in capsys.readouterr().err
     with pytest.raises(StudioError, match="no checkpoint to resume"):
-        train(TrainConfig(data=STAR, output_dir=str(tmp_path / "fresh"), resume="latest", max_train_steps=1))
+        train(TrainConfig(data=STAR, output_dir=str(tmp_path / "fresh"), resume=str(tmp_path / "fresh" / "checkpoints" / "step-1"),
+                          max_train_steps=1))
 
 
 def test_cli_sample_with_adapters(tmp_path, capsys):
@@ -207,23 +213,71 @@ def test_cache_validation_images_and_logs(tmp_path):
     assert list((tmp_path / "a" / "logs").rglob("events.out.tfevents.*"))
 
 
-@pytest.mark.slow
-def test_accelerate_launch_with_two_processes(tmp_path):
-    """The same command under `accelerate launch` with two CPU processes: one artifact, it applies."""
-    import os
-    import subprocess
-    import sys
+ACCELERATE_CONFIGS = Path(__file__).parents[1] / "docs" / "accelerate"
+STAR_8 = "shapesworld:shape=star,count=8,seed=3"
 
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "studio.cli", "train", "--method", "sara", "--data", STAR, "--max-train-steps", "4",
-               "--train-batch-size", "2", "--checkpointing-steps", "2", "--output-dir", str(tmp_path)]
+
+def test_the_accelerate_configs_in_docs_parse():
+    """The ready-made configs for users who outgrow one GPU read as accelerate reads them."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    ddp, fsdp, zero2 = (load_config_from_file(str(ACCELERATE_CONFIGS / name))
+                        for name in ("ddp.yaml", "fsdp.yaml", "deepspeed-zero2.yaml"))
+    assert [c.distributed_type.value for c in (ddp, fsdp, zero2)] == ["MULTI_GPU", "FSDP", "DEEPSPEED"]
+    assert all(c.num_processes == 2 and c.num_machines == 1 for c in (ddp, fsdp, zero2))
+    # Only the adapter's parameters train: FSDP must keep them apart from the frozen ones, and gather the whole
+    # model when checkpoints and the artifact are written.
+    assert fsdp.fsdp_config["fsdp_use_orig_params"] is True
+    assert fsdp.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    assert zero2.deepspeed_config["zero_stage"] == 2
+
+
+def _launch(config: str, output_dir: Path, *argv: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / config),
+               "--num_processes", "2", "--mixed_precision", "no", "-m", "studio.cli", *argv,
+               "--output-dir", str(output_dir)]
     # Without ACCELERATE_USE_CPU, a CPU-only launch starts two separate single-process runs.
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
-    out = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _lora(folder: Path, batch: int, steps: int, resume: str | None = None) -> Path:
+    return train(TrainConfig(data=STAR_8, output_dir=str(folder), max_train_steps=steps, train_batch_size=batch,
+                             learning_rate=1e-3, checkpointing_steps=2, validation_steps=0, seed=7, resume=resume,
+                             method_options={"rank": 2})).artifact
+
+
+def _assert_close(a: Path, b: Path) -> None:
+    first, second = load_file(str(a)), load_file(str(b))
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_process_with_the_whole_batch(tmp_path):
+    """`accelerate launch` with two CPU processes (gloo), batch 2 each, ends within float tolerance of one process
+    with batch 4; its checkpoint resumes in a one-process run, which ends as one that never stopped."""
+    two = tmp_path / "two"
+    out = _launch("ddp.yaml", two, "train", "--method", "lora", "--data", STAR_8, "--rank", "2", "--train-batch-size",
+                  "2", "--learning-rate", "1e-3", "--max-train-steps", "4", "--checkpointing-steps", "2",
+                  "--validation-steps", "0", "--seed", "7")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert (tmp_path / "sara.safetensors").is_file()
-    assert (tmp_path / "checkpoints" / "step-4").is_dir()
-    assert json.loads((tmp_path / "summary.json").read_text())["processes"] == 2
+    assert out.stdout.count('"artifact"') == 1  # one process reports
+    assert json.loads((two / "summary.json").read_text())["processes"] == 2
+    _assert_close(two / "lora.safetensors", _lora(tmp_path / "one", batch=4, steps=4))
     pipe = load("toy")
-    plugin.apply(pipe, tmp_path / "sara.safetensors")
+    plugin.apply(pipe, two / "lora.safetensors")
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    _assert_close(_lora(resumed, batch=4, steps=6, resume="latest"), _lora(tmp_path / "one-6", batch=4, steps=6))
+
+
+@pytest.mark.slow
+def test_fsdp_on_cpu_is_refused_in_one_line(tmp_path):
+    """accelerate's FSDP plugin wants a GPU: on CPU the launch ends with our one-line message naming the way that
+    works there (DDP), from each process (accelerate's launcher then reports the failed processes)."""
+    out = _launch("fsdp.yaml", tmp_path, "train", "--method", "lora", "--data", STAR_8, "--max-train-steps", "2")
+    assert out.returncode != 0
+    assert "error: accelerate cannot set up this launch" in out.stderr and "docs/accelerate/ddp.yaml" in out.stderr

@@ -11,8 +11,11 @@ cached text embeddings are those of the frozen encoder, so they are not used.
 
 Every random choice of step k (which examples, which noise, which timesteps,
 caption dropout, adapter dropout) is drawn from generators seeded with
-(seed, k, process), so a run stopped at step k and resumed from its
-checkpoint ends with the same weights as one that never stopped.
+(seed, k), so a run stopped at step k and resumed from its checkpoint ends
+with the same weights as one that never stopped; under several processes each
+takes its share of the same global batch (`draw_batch`), so they end as one
+process with the whole batch would. Checkpoints are written atomically and
+resumed from only when complete (`save_checkpoint`).
 
 Example:
     >>> from studio.trainers.base import TrainConfig, train  # doctest: +SKIP
@@ -26,9 +29,12 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
+import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from studio import registry
-from studio.artifact import TRIGGER_WORDS_KEY, fingerprint, save_artifact
+from studio.artifact import TRIGGER_WORDS_KEY, fingerprint, save_artifact, write_atomically
 from studio.data import Dataset, bucket_batches, load_dataset
 from studio.errors import StudioError, TrainingStopped
 from studio.options import check_options, ranged
@@ -137,14 +143,102 @@ class TrainResult:
     data_summary: dict
 
 
-def _step_generators(seed: int, step: int, process: int) -> tuple[np.random.Generator, torch.Generator]:
-    key = [seed, step, process]
+def _step_generators(seed: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
+    """Step `step`'s generators: the same on every process (each keeps its share of the batch drawn from them; the
+    trailing 0 keeps the draws of the runs made when each process drew its own)."""
+    key = [seed, step, 0]
     return np.random.default_rng(key), torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
 
 
+# Checkpoints. accelerate writes a checkpoint as several files (weights, optimizer, RNG states); a kill during that
+# would leave a folder that looks like a checkpoint and is not one. So it writes into `step-N.partial`, a manifest of
+# every file's SHA-256 goes in last, and only then is the folder renamed `step-N`: a `step-N` folder is complete.
+# Resume checks the manifest before anything is loaded (the optimizer and RNG states are pickles, read by accelerate
+# through torch's weights-only unpickler): only checkpoints this tool wrote, unchanged since, are resumed from.
+CHECKPOINT_MANIFEST = "studio-checkpoint.json"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint(accelerator, folder: Path, step: int) -> None:
+    """`accelerator.save_state` into `folder`, atomically: written beside it, its manifest last, then renamed (every
+    process calls it, as `save_state`)."""
+    partial = folder.with_name(folder.name + ".partial")
+    if accelerator.is_main_process and partial.exists():  # a save killed half-way
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = {}
+        for path in sorted(partial.rglob("*")):
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())  # on disk before the folder is named complete
+                files[str(path.relative_to(partial))] = _file_sha256(path)
+        write_atomically(partial / CHECKPOINT_MANIFEST, json.dumps({"step": step, "files": files}, indent=1).encode())
+        if folder.exists():  # the same step saved again (a resumed run): the old one goes once the new one is in place
+            replaced = folder.with_name(folder.name + ".replaced")
+            shutil.rmtree(replaced, ignore_errors=True)
+            folder.rename(replaced)
+            partial.rename(folder)
+            shutil.rmtree(replaced)
+        else:
+            partial.rename(folder)
+    accelerator.wait_for_everyone()
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` is not a complete, unchanged checkpoint of this tool (None: it is one)."""
+    manifest = folder / CHECKPOINT_MANIFEST
+    if not manifest.is_file():
+        return f"it has no {CHECKPOINT_MANIFEST} (half-written, or not written by Diffusion Studio)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        for name, digest in files.items():
+            path = folder / name
+            if ".." in Path(name).parts or not path.is_file():
+                return f"its file {name} is missing"
+            if _file_sha256(path) != digest:
+                return f"its file {name} changed after it was written"
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        return f"its {CHECKPOINT_MANIFEST} is damaged"
+    return None
+
+
+def check_checkpoint(folder: Path, output_dir: Path) -> None:
+    """Refuse `--resume FOLDER` unless it is a complete checkpoint this tool wrote, unchanged since."""
+    if not folder.is_dir():
+        raise StudioError(f"no checkpoint to resume from ({folder}); checkpoints live in {output_dir / 'checkpoints'}")
+    if not CHECKPOINT_PATTERN.fullmatch(folder.name):
+        raise StudioError(f"--resume {folder}: not a checkpoint folder (they are named step-N, in "
+                          f"{output_dir / 'checkpoints'}); pass one of those, or --resume latest")
+    problem = checkpoint_problem(folder)
+    if problem:
+        raise StudioError(f"cannot resume from {folder}: {problem}; pass another checkpoint, or --resume latest")
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint in `output_dir/checkpoints`; newer ones that are not (a kill during a save, a
+    changed file) are skipped with a warning.
+
+    Example:
+        >>> latest_checkpoint(Path("outputs/never-trained")) is None
+        True
+    """
     folders = [p for p in (output_dir / "checkpoints").glob("step-*") if CHECKPOINT_PATTERN.fullmatch(p.name)]
-    return max(folders, key=lambda p: int(CHECKPOINT_PATTERN.fullmatch(p.name).group(1))) if folders else None
+    for folder in sorted(folders, key=lambda p: int(CHECKPOINT_PATTERN.fullmatch(p.name).group(1)), reverse=True):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        warnings.warn(f"skipped checkpoint {folder}: {problem}", stacklevel=2)
+    return None
 
 
 @dataclass
@@ -309,12 +403,27 @@ def draw_batch(cached: Cached, config: TrainConfig, noise_scheduler, rng, genera
                live_text: LiveText | None = None, timesteps=uniform_timesteps) -> Batch:
     """Draw a batch (every random choice from `rng` and `generator`); with `live_text`, the captions go
     through the text encoder(s) instead of coming from the cache. `timesteps(n, total, generator)` draws the
-    timesteps (T2I-Adapter's are biased towards the noisy end)."""
-    batch = bucket_batches(cached.data.buckets, config.train_batch_size, rng)[0]
-    mean = torch.stack([cached.latents[i][0] for i in batch])
-    std = torch.stack([cached.latents[i][1] for i in batch])
-    sample = mean + std * torch.randn(mean.shape, generator=generator)
-    captions = [cached.data.examples[i].caption if rng.random() >= config.caption_dropout else "" for i in batch]
+    timesteps (T2I-Adapter's are biased towards the noisy end).
+
+    Under several processes, every process draws the same global batch (`--train-batch-size` per process, times
+    the processes) with the same generators, and keeps its own consecutive share: N processes step as one process
+    with N times the batch would (within float tolerance: DDP averages their gradients)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    processes, rank = state.num_processes, state.process_index
+    drawn = next((b for b in bucket_batches(cached.data.buckets, config.train_batch_size * processes, rng)
+                  if len(b) >= processes), None)
+    if drawn is None:
+        raise StudioError(f"{processes} processes need at least {processes} training images of one size; add images "
+                          "or use fewer processes")
+    bounds = np.linspace(0, len(drawn), processes + 1).round().astype(int)
+    mine = slice(int(bounds[rank]), int(bounds[rank + 1]))
+    batch = drawn[mine]
+    mean = torch.stack([cached.latents[i][0] for i in drawn])
+    std = torch.stack([cached.latents[i][1] for i in drawn])
+    sample = (mean + std * torch.randn(mean.shape, generator=generator))[mine]
+    captions = [cached.data.examples[i].caption if rng.random() >= config.caption_dropout else "" for i in drawn][mine]
     if live_text is None:
         text = torch.stack([cached.text[c] for c in captions])
         pooled = torch.stack([cached.pooled[c] for c in captions]) if cached.pooled else None
@@ -325,10 +434,12 @@ def draw_batch(cached: Cached, config: TrainConfig, noise_scheduler, rng, genera
         width, height = cached.data.buckets[batch[0]]
         added = {"text_embeds": pooled.to(device),
                  "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * len(batch), dtype=torch.float32).to(device)}
-    noise = torch.randn(sample.shape, generator=generator)
+    shape = (len(drawn),) + sample.shape[1:]
+    noise = torch.randn(shape, generator=generator)
     if config.noise_offset:
-        noise += config.noise_offset * torch.randn(sample.shape[:2] + (1, 1), generator=generator)
-    timesteps = timesteps(len(batch), noise_scheduler.config.num_train_timesteps, generator)
+        noise += config.noise_offset * torch.randn(shape[:2] + (1, 1), generator=generator)
+    noise = noise[mine]
+    timesteps = timesteps(len(drawn), noise_scheduler.config.num_train_timesteps, generator)[mine]
     noisy = noise_scheduler.add_noise(sample, noise, timesteps)
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
@@ -497,17 +608,23 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
         raise StudioError(f"--data is not used by --method {config.method}: it learns from the model itself; drop --data")
     if trainer.closed_form and config.resume:
         raise StudioError(f"--method {config.method} is computed in one go, with no checkpoints: drop --resume")
+    if config.resume and config.resume != "latest":  # a checkpoint named by path is checked before the model loads
+        check_checkpoint(Path(config.resume), output_dir)
     # A second run in the same process (tests, the app's worker) may ask for another precision; the
     # process-level state (ranks, devices) is kept, only the per-run settings are dropped.
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        # SDXL's first text encoder is read at its penultimate layer: its last layer's LoRA gets no gradient.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if config.train_text_encoder else None,
-    )
+    try:
+        accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            log_with="tensorboard",
+            project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+            # SDXL's first text encoder is read at its penultimate layer: its last layer's LoRA gets no gradient.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if config.train_text_encoder else None,
+        )
+    except RuntimeError as err:  # e.g. accelerate's FSDP and DeepSpeed plugins on a machine without GPUs
+        raise StudioError(f"accelerate cannot set up this launch: {str(err)[:300].rstrip('.')}; on CPU launch with "
+                          "docs/accelerate/ddp.yaml (and ACCELERATE_USE_CPU=true)") from None
     torch.manual_seed(config.seed)
 
     # 1. The base model, frozen. The method wraps its layers first: options that depend on the model
@@ -568,22 +685,26 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
     trainer.prepare(loop)
 
     start_step = 0
-    if config.resume:
-        checkpoint = latest_checkpoint(output_dir) if config.resume == "latest" else Path(config.resume)
-        if checkpoint is None or not checkpoint.is_dir():
-            raise StudioError(f"no checkpoint to resume from ({config.resume}); checkpoints live in {output_dir / 'checkpoints'}")
+    checkpoint = latest_checkpoint(output_dir) if config.resume == "latest" else config.resume and Path(config.resume)
+    if config.resume == "latest" and checkpoint is None:  # killed before its first checkpoint: the run starts over
+        print(f"no checkpoint in {output_dir / 'checkpoints'} yet: starting from step 0", file=sys.stderr)
+        if accelerator.is_main_process:
+            _keep_metrics_until(output_dir / "metrics.jsonl", 0)
+    elif config.resume:
         saved_models = len(list(checkpoint.glob("model*.safetensors")) + list(checkpoint.glob("pytorch_model*.bin")))
         if saved_models and saved_models != len(models):  # the UNet, then each trained text encoder
             raise StudioError(f"{checkpoint} was saved {'with' if saved_models > 1 else 'without'} --train-text-encoder; "
                               "resume with the setting it was started with")
-        if not CHECKPOINT_PATTERN.fullmatch(checkpoint.name):
-            raise StudioError(f"--resume {config.resume}: not a checkpoint folder (they are named step-N, in "
-                              f"{output_dir / 'checkpoints'}); pass one of those, or --resume latest")
         start_step = int(CHECKPOINT_PATTERN.fullmatch(checkpoint.name).group(1))
-        if start_step >= config.max_train_steps:  # a run that trains nothing never ends "done"
+        # A run that trains nothing never ends "done" — unless it was killed while writing its artifact after the last
+        # step: then the resume writes it.
+        written = trainer.artifact_path(output_dir).is_file()
+        if start_step > config.max_train_steps or (start_step == config.max_train_steps and written):
             raise StudioError(f"{checkpoint} is at step {start_step}, and --max-train-steps is {config.max_train_steps}: "
                               "nothing left to train; raise --max-train-steps to train further")
         accelerator.load_state(str(checkpoint))
+        if accelerator.is_main_process:  # the loss lines of steps after the checkpoint are written again
+            _keep_metrics_until(output_dir / "metrics.jsonl", start_step)
     accelerator.init_trackers("studio", config={k: str(v) for k, v in asdict(config).items()})
 
     # 3. The loop. SIGTERM/SIGINT ask it to stop after the current step: it saves a checkpoint
@@ -596,7 +717,7 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
         bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
                    desc=f"train {config.method}", disable=not accelerator.is_local_main_process or not total_steps)
         for step in bar:
-            rng, generator = _step_generators(config.seed, step, accelerator.process_index)
+            rng, generator = _step_generators(config.seed, step)
             torch.manual_seed(int(rng.integers(2**31)))  # adapter dropout and the like
             with accelerator.accumulate(*models.values()):
                 loss = trainer.loss(loop, rng, generator)
@@ -615,12 +736,12 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
             checkpoint = output_dir / "checkpoints" / f"step-{step + 1}"
             saved = bool(config.checkpointing_steps) and (step + 1) % config.checkpointing_steps == 0
             if saved:
-                accelerator.save_state(str(checkpoint))
+                save_checkpoint(accelerator, checkpoint, step + 1)
             if config.validation_prompt and config.validation_steps and (step + 1) % config.validation_steps == 0:
                 _validate(pipe, config, step + 1, output_dir, accelerator, trainer.validation_inputs(loop))
             if stop.requested and step + 1 < config.max_train_steps:
                 if not saved:  # a periodic checkpoint of this very step is already on disk
-                    accelerator.save_state(str(checkpoint))
+                    save_checkpoint(accelerator, checkpoint, step + 1)
                 bar.close()
                 accelerator.end_training()
                 raise TrainingStopped(f"stopped at step {step + 1} of {config.max_train_steps}; checkpoint in {checkpoint}; "
@@ -641,12 +762,26 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
             captions = " ".join(sorted({example.caption for example in dataset.examples}))
             metadata = {**metadata, TRIGGER_WORDS_KEY: json.dumps(unknown_words(captions))}
         save_artifact(artifact, tensors, config.method, asdict(method_config), base_fingerprint, extra_metadata=metadata)
-        (output_dir / "summary.json").write_text(json.dumps(
+        write_atomically(output_dir / "summary.json", json.dumps(
             {"steps": total_steps, "processes": accelerator.num_processes, "trainable_params": trainable,
              "final_loss": loss_value, "seconds": round(time.time() - start, 2), "data": data_summary,
-             "config": asdict(config)}, indent=2))
+             "config": asdict(config)}, indent=2).encode())
     accelerator.end_training()
     return TrainResult(artifact, total_steps, time.time() - start, trainable, loss_value, data_summary)
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the lines of steps after `step` from a run's metrics.jsonl (a resumed run writes them again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line cut by a kill
+            continue
+    write_atomically(path, "".join(line + "\n" for line in kept).encode())
 
 
 class _StopRequest:

@@ -36,6 +36,7 @@ from studio.quantize import COMPARISON_NAME
 from studio.errors import StudioError
 from studio.options import unwrap_optional
 from studio.pipeline import SCHEDULERS, TOY_MODEL
+from studio.plugin import SCALES
 
 # The Train tab's dataset upload (tests find the field by it).
 UPLOAD_LABEL = "images + .txt captions (same names); a T2I-Adapter's control images as NAME-condition.png"
@@ -966,7 +967,7 @@ def _sample_tab(studio: Studio, model_state: gr.State, tab: gr.Tab) -> tuple[gr.
                 for i, item in enumerate(items):
                     with gr.Row(key=f"row-{i}-{item['path']}"):
                         enabled = gr.Checkbox(item["enabled"], label=item["name"], interactive=True, key=f"on-{i}-{item['path']}", scale=2)
-                        scale = gr.Slider(-1.0, 2.0, value=item["scale"], step=0.05, label="scale", interactive=True, key=f"scale-{i}-{item['path']}", scale=3)
+                        scale = gr.Slider(*SCALES, value=item["scale"], step=0.05, label="scale", interactive=True, key=f"scale-{i}-{item['path']}", scale=3)
                         remove = gr.Button("✕", key=f"rm-{i}-{item['path']}", scale=0, min_width=40)
 
                     def set_value(value, items, i=i, key="enabled"):

@@ -109,7 +109,7 @@ def check_artifact(path: str | Path, model: str, model_config: str | None = None
         >>> check_artifact("outputs/train/lora.safetensors", "toy").method  # doctest: +SKIP
         'lora'
     """
-    from studio.artifact import check_fingerprint, read_header
+    from studio.artifact import check_fingerprint, read_header, verify_content
     from studio.pipeline import unet_skeleton
 
     path = Path(path)
@@ -117,6 +117,7 @@ def check_artifact(path: str | Path, model: str, model_config: str | None = None
         raise StudioError(f"{path.name} is not a .safetensors artifact")
     try:  # the messages name the file as the user knows it, never the server's (temporary upload) path
         header = read_header(path)
+        verify_content(path)
     except StudioError as err:
         raise StudioError(str(err).replace(str(path), path.name)) from None
     if model_config or not Path(model).is_file():  # a single file without its config can't be checked here
