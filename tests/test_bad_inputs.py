@@ -47,6 +47,10 @@ def files(tmp_path_factory) -> dict[str, str]:
     (tmp / "corrupt-images" / "a.png").write_bytes(b"not a png")
     (tmp / "corrupt-images" / "a.txt").write_text("a red circle")
     Image.new("L", (32, 32)).save(tmp / "mask.png")
+    (tmp / "misaligned" / "conditions").mkdir(parents=True)  # a control image of another size than its image
+    Image.new("RGB", (32, 32), "red").save(tmp / "misaligned" / "a.png")
+    (tmp / "misaligned" / "a.txt").write_text("a red circle")
+    Image.new("L", (16, 16)).save(tmp / "misaligned" / "conditions" / "a.png")
     Image.new("L", (5000, 5000)).save(tmp / "huge.png")  # 25 MP of black: a few KB on disk, 25 MB decoded
     lora = _lora(load("toy").unet, tmp / "lora.safetensors")
     _lora(tiny_sd_pipeline().unet, tmp / "other-model.safetensors")

@@ -107,14 +107,23 @@ def _assert_same(a: Path, b: Path) -> None:
     assert not different, f"{len(different)} tensors differ (first: {different[0]})"
 
 
-def _kill_and_resume(method: str, tmp_path: Path, seed: int) -> None:
+def _kill_and_resume(method: str, tmp_path: Path, seed: int, points=("step", "save", "artifact")) -> None:
     _, artifact = RUNS[method]
     code, err = _run(method, tmp_path / "straight")
     assert code == 0, err
     reference = tmp_path / "straight" / artifact
     steps = int(RUNS[method][0][RUNS[method][0].index("--max-train-steps") + 1])
+    if "step" in points:
+        _kill_at_a_step(method, tmp_path, seed, steps, reference)
+    if "save" in points:
+        _kill_in_a_checkpoint(method, tmp_path, reference)
+    if "artifact" in points:
+        _kill_in_the_artifact(method, tmp_path, reference)
 
-    # 1. SIGKILL at a random step, then resume.
+
+def _kill_at_a_step(method: str, tmp_path: Path, seed: int, steps: int, reference: Path) -> None:
+    """SIGKILL at a random step (before the first checkpoint too: the resume then starts over), then resume."""
+    _, artifact = RUNS[method]
     killed = tmp_path / "killed"
     step = random.Random(seed).randint(1, steps - 1)
     code, _ = _run(method, killed, kill_at_step=step)
@@ -125,7 +134,10 @@ def _kill_and_resume(method: str, tmp_path: Path, seed: int) -> None:
     steps_logged = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == list(range(1, steps + 1)), "the loss log repeats or skips steps after the resume"
 
-    # 2. SIGKILL while the step-4 checkpoint is half-written: resume skips it (from step 2) and ends the same.
+
+def _kill_in_a_checkpoint(method: str, tmp_path: Path, reference: Path) -> None:
+    """SIGKILL while the step-4 checkpoint is half-written: resume skips it (from step 2) and ends the same."""
+    _, artifact = RUNS[method]
     in_save = tmp_path / "killed-in-save"
     code, _ = _run(method, in_save, die_in="step-4.partial")
     assert code == -signal.SIGKILL
@@ -136,11 +148,14 @@ def _kill_and_resume(method: str, tmp_path: Path, seed: int) -> None:
     _assert_same(reference, in_save / artifact)
     assert (in_save / "checkpoints" / "step-4" / CHECKPOINT_MANIFEST).is_file()
 
-    # 3. SIGKILL while the artifact is half-written: the good artifact of an earlier run stays whole, and a resume
-    # from the last checkpoint writes the new one.
+
+def _kill_in_the_artifact(method: str, tmp_path: Path, reference: Path) -> None:
+    """SIGKILL while the artifact is half-written: the good artifact of an earlier run stays whole, and a resume
+    from the last checkpoint writes the new one."""
+    _, artifact = RUNS[method]
     in_artifact = tmp_path / "killed-in-artifact"
     in_artifact.mkdir()
-    earlier = (tmp_path / "straight" / artifact).read_bytes()
+    earlier = reference.read_bytes()
     (in_artifact / artifact).write_bytes(earlier)
     code, _ = _run(method, in_artifact, die_in=f"{artifact}.")
     assert code == -signal.SIGKILL
@@ -151,19 +166,26 @@ def _kill_and_resume(method: str, tmp_path: Path, seed: int) -> None:
     _assert_same(reference, in_artifact / artifact)
 
 
-def test_killed_lora_runs_resume_to_the_same_artifact(tmp_path):
-    _kill_and_resume("lora", tmp_path, seed=1)
+def test_a_lora_run_killed_while_saving_a_checkpoint_resumes_to_the_same_artifact(tmp_path):
+    _kill_and_resume("lora", tmp_path, seed=1, points=("save",))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["spm", "efficientdm"])
-def test_killed_erasure_and_quantization_runs_resume_to_the_same_artifact(method, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "spm", "efficientdm"])
+def test_killed_adapter_erasure_and_quantization_runs_resume_to_the_same_artifact(method, tmp_path):
     _kill_and_resume(method, tmp_path, seed=2)
 
 
 def test_a_checkpoint_changed_after_it_was_written_is_not_resumed_from(tmp_path):
-    code, err = _run("lora", tmp_path, "--max-train-steps", "4")
-    assert code == 0, err
+    from studio.errors import StudioError
+    from studio.trainers.base import TrainConfig, train
+
+    def run(resume=None):
+        return train(TrainConfig(data="shapesworld:shape=star,count=4", output_dir=str(tmp_path), max_train_steps=4,
+                                 train_batch_size=2, checkpointing_steps=2, validation_steps=0, resume=resume,
+                                 method_options={"rank": 2}))
+
+    run()
     assert latest_checkpoint(tmp_path).name == "step-4"
     optimizer = next((tmp_path / "checkpoints" / "step-4").glob("optimizer*"))
     data = bytearray(optimizer.read_bytes())
@@ -171,5 +193,5 @@ def test_a_checkpoint_changed_after_it_was_written_is_not_resumed_from(tmp_path)
     optimizer.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match="step-4: its file optimizer.bin changed after it was written"):
         assert latest_checkpoint(tmp_path).name == "step-2"
-    code, err = _run("lora", tmp_path, "--max-train-steps", "4", "--resume", str(tmp_path / "checkpoints" / "step-4"))
-    assert code == 2 and "step-4: its file optimizer.bin changed after it was written; pass another checkpoint" in err
+    with pytest.raises(StudioError, match="step-4: its file optimizer.bin changed after it was written; pass another"):
+        run(resume=str(tmp_path / "checkpoints" / "step-4"))

@@ -6,7 +6,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from studio.cli import main
 from studio.toy.captions import random_caption
@@ -114,11 +113,10 @@ def test_warnings_name_unknown_words_and_stay_silent_for_known_ones():
 
 
 def _tiny_artifact(path, trigger_words=None):
-    metadata = {"studio.method": "lora", "studio.config": "{}", "studio.fingerprint": "{}"}
-    if trigger_words is not None:
-        metadata["studio.trigger_words"] = json.dumps(trigger_words)
-    save_file({"x": torch.zeros(1)}, str(path), metadata=metadata)
-    return path
+    from studio.artifact import TRIGGER_WORDS_KEY, save_artifact
+
+    metadata = {TRIGGER_WORDS_KEY: json.dumps(trigger_words)} if trigger_words is not None else {}
+    return save_artifact(path, {"x": torch.zeros(1)}, "lora", {}, {}, extra_metadata=metadata)
 
 
 def test_sample_warns_about_unknown_words_but_not_trigger_words(tmp_path, capsys, monkeypatch):
