@@ -73,7 +73,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(root: Path, workers: int) -> tuple[subprocess.Popen, str]:
+def start_server(root: Path, workers: int, max_sessions: int) -> tuple[subprocess.Popen, str]:
     """`studio serve` as tests/conftest.py::serve starts it: cwd, HOME and TMPDIR under `root`, data in root/data."""
     for name in ("cwd", "home", "tmp"):
         (root / name).mkdir(exist_ok=True)
@@ -82,7 +82,7 @@ def start_server(root: Path, workers: int) -> tuple[subprocess.Popen, str]:
     log = (root / "server.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "studio.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--data-dir", str(root / "data"), "--workers", str(workers)],
+         "--data-dir", str(root / "data"), "--workers", str(workers), "--max-sessions", str(max_sessions)],
         cwd=root / "cwd", env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     log.close()
@@ -326,7 +326,9 @@ def most_at_once(data: Path) -> int:
 def run(args: argparse.Namespace, root: Path) -> dict:
     failures: list[str] = []
     downloads = root / "downloads"
-    process, url = start_server(root, args.workers)
+    extra_requests: list[float] = []  # latencies of the waves after the first
+    rss_after_rounds: list[float] = []
+    process, url = start_server(root, args.workers, args.max_sessions)
     data = root / "data"
     try:
         time.sleep(2)  # settled after the first page load
@@ -397,6 +399,23 @@ def run(args: argparse.Namespace, root: Path) -> dict:
             repeats.append(identical)
         repeat_identical = bool(repeats) and all(repeats)
         time.sleep(2)
+        rss_after_rounds = [mb(rss_of_tree(process.pid)[0])]
+        # More waves of the same requests (no training): the server's memory after each says whether it is bounded
+        # or grows with the requests it has served.
+        for wave in range(1, args.rounds):
+            with concurrent.futures.ThreadPoolExecutor(max_workers=args.clients) as pool:
+                more = [pool.submit(sample_request, url, downloads / f"wave-{wave}-client-{i}", prompt, i,
+                                    args.sample_steps, args.timeout) for i, prompt in enumerate(prompts(args.clients))]
+                for i, future in enumerate(more):
+                    try:
+                        result = future.result(timeout=args.timeout + 120)
+                    except Exception as err:  # noqa: BLE001
+                        failures.append(f"wave {wave} request {i}: {type(err).__name__}: {err}")
+                        continue
+                    failures += check_sample(result, data)
+                    extra_requests.append(result["latency"])
+            time.sleep(2)
+            rss_after_rounds.append(mb(rss_of_tree(process.pid)[0]))
         server_after, children_after, _ = rss_of_tree(process.pid)
         sampler.stop()
         at_once = most_at_once(data)
@@ -426,6 +445,9 @@ def run(args: argparse.Namespace, root: Path) -> dict:
         "peak_server_rss_mb": mb(sampler.peak_server), "peak_workers_rss_mb": mb(sampler.peak_children),
         "peak_total_rss_mb": mb(sampler.peak_total), "most_worker_processes": sampler.most_children,
         "server_rss_before_mb": mb(server_before), "server_rss_after_mb": mb(server_after),
+        "max_sessions": args.max_sessions, "rounds": args.rounds,
+        "server_rss_after_each_round_mb": rss_after_rounds,
+        "requests_after_the_first_round_ok": len(extra_requests),
         "workers_rss_after_mb": mb(children_after), "rss_samples": sampler.samples,
         "outputs_distinct": outputs_distinct, "repeat_identical": repeat_identical,
         "server_stopped_cleanly": not stop_problems,
@@ -442,14 +464,18 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30, help="training steps of each job")
     parser.add_argument("--sample-steps", type=int, default=10, help="denoising steps of each sampling request")
     parser.add_argument("--workers", type=int, default=2, help="studio serve --workers (jobs run at once)")
+    parser.add_argument("--max-sessions", type=int, default=200, help="studio serve --max-sessions")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="waves of --clients sampling requests (the first beside the training jobs); the server's "
+                             "memory is read after each")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds one sampling request may take")
     parser.add_argument("--stagger", type=float, default=3.0,
                         help="seconds between starting the training jobs and sending the sampling requests")
     parser.add_argument("--output", default=None, help="write the JSON here too")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data folder (its path is printed)")
     args = parser.parse_args()
-    if args.workers < 1 or args.clients < 1:
-        parser.error("--workers and --clients must be at least 1")
+    if min(args.workers, args.clients, args.rounds, args.max_sessions) < 1:
+        parser.error("--workers, --clients, --rounds and --max-sessions must be at least 1")
     root = Path(tempfile.mkdtemp(prefix="studio-web-load-"))
     tempfile.tempdir = str(root / "client-tmp")  # gradio_client's partial downloads stay under root too
     Path(tempfile.tempdir).mkdir()

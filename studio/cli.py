@@ -528,6 +528,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     user, sep, password = (args.auth or "").partition(":")
     if args.auth is not None and not (sep and user and password):
         raise StudioError(f"--auth needs USER:PASSWORD (got {args.auth!r})")
+    for flag, value in (("--workers", args.workers), ("--max-sessions", args.max_sessions)):
+        if value < 1:  # no worker: every job would wait forever
+            raise StudioError(f"{flag} {value}: must be a whole number >= 1")
     data_dir = Path(args.data_dir).resolve()
     # Uploads and every temporary file stay inside the data folder (set before gradio is imported).
     (data_dir / "tmp").mkdir(parents=True, exist_ok=True)
@@ -554,6 +557,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         quiet=not args.share,  # gradio's own banner suggests launch(share=True); ours is --share
         server_name=args.host, server_port=args.port, share=args.share, auth=(user, password) if args.auth else None,
         allowed_paths=[str(data_dir)], max_file_size="200mb", show_error=False, footer_links=["api"],
+        # gradio keeps a copy of the page's state per browser session (about 0.7 MB for this page), 10,000 of them
+        # by default: the server's memory would grow with every new visitor. The oldest sessions beyond this go.
+        state_session_capacity=args.max_sessions,
     )
     return 0
 
@@ -620,6 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="ask for this login")
     p.add_argument("--data-dir", default="outputs/studio", help="jobs, uploads and artifacts live here (default outputs/studio)")
     p.add_argument("--workers", type=int, default=2, help="jobs that run at once (each in its own process)")
+    p.add_argument("--max-sessions", type=int, default=200,
+                   help="browser sessions whose page state the server keeps in memory, about 0.7 MB each; beyond it "
+                        "the oldest are dropped (that page must be reloaded) (default 200)")
     p.add_argument("--model", default=TOY_MODEL, help="the base model the page starts with ('toy', a diffusers folder, ...)")
     p.add_argument("--model-config", default=None, help="diffusers folder giving the architecture of a single-file --model")
     p.set_defaults(func=cmd_serve)

@@ -1,4 +1,4 @@
-"""Every row of docs/errors.md's "Files, data and artifacts" table, run as its command line (in-process): exit
+"""Every row of docs/errors.md's "Files, data, artifacts and the server" table, run as its command line (in-process): exit
 status 2 and exactly the message the table shows, on one line. The table is the docs' own, so the reference and
 the behaviour cannot drift apart. `{name}` in a row is a file or folder the fixture below makes."""
 
@@ -16,7 +16,7 @@ import torch
 from studio.cli import main
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
-SECTION = DOC.read_text().split("## Files, data and artifacts")[1].split("\n## ")[0]
+SECTION = DOC.read_text().split("## Files, data, artifacts and the server")[1].split("\n## ")[0]
 ROW = re.compile(r"\| (.+?) \| `studio (.+?)` \| `(error: .+)` \|")
 ROWS = [m.groups() for m in map(ROW.fullmatch, SECTION.splitlines()) if m]
 

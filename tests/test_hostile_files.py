@@ -23,7 +23,7 @@ from studio.cli import build_parser, cmd_inspect, main
 from studio.errors import StudioError
 from studio.pipeline import check_safetensors
 
-FAST_EXAMPLES = 600
+FAST_EXAMPLES = 300
 SECONDS_PER_FILE = 20  # a file that takes longer than this is a hang
 
 
