@@ -149,18 +149,21 @@ def erase(pipe, config: RECEConfig, toy: bool) -> dict[str, torch.Tensor]:
 
     layers = projections(pipe.unet)
     pairs, kept_prompts = erase_prompts(config, toy)
-    prompts = [p for pair in pairs for p in pair]
-    embedded = encode(pipe, prompts + kept_prompts)
-    erase_pairs = [(embedded[2 * i], embedded[2 * i + 1]) for i in range(len(pairs))]
-    kept = list(embedded[len(prompts):])
+    to = anchors(config, toy)
+    concept_prompts = list(config.concept) + [to[c] for c in config.concept] if config.epochs else []
+    # Every distinct prompt through the text encoder once, in one batched pass (most of RECE's time): the concepts
+    # alone and their anchors are also the first erase pair.
+    distinct = list(dict.fromkeys([p for pair in pairs for p in pair] + kept_prompts + concept_prompts))
+    embedding = dict(zip(distinct, encode(pipe, distinct)))
+    erase_pairs = [(embedding[prompt], embedding[anchor]) for prompt, anchor in pairs]
+    kept = [embedding[prompt] for prompt in kept_prompts]
     scales = {"lamb": config.lamb, "erase_scale": config.erase_scale, "preserve_scale": config.preserve_scale}
     # Every projection is edited on its input side, W' = W T: the edits compose as matrices, and the weights are
     # touched once, at the end.
     edit = uce_map(erase_pairs, kept, **scales)
 
     if config.epochs:
-        to = anchors(config, toy)
-        concepts = encode(pipe, list(config.concept) + [to[c] for c in config.concept])
+        concepts = [embedding[prompt] for prompt in concept_prompts]
         n = len(config.concept)
         gram = sum(layer.weight.detach().double().cpu().T @ layer.weight.detach().double().cpu()
                    for layer in layers.values())

@@ -208,8 +208,9 @@ def erase_table() -> str:
                      f"{_rate(transfer['erase_rate_on_derived'])} there, {_rate(transfer['derived_without_spm'])} "
                      "without it.")
     if "rece_sd15_seconds" in data:
-        notes.append(f"RECE on an SD1.5-shaped text encoder and UNet (one concept, the template prompts): "
-                     f"{data['rece_sd15_seconds']:.1f} s.")
+        threads = data.get("rece_sd15_threads")
+        notes.append(f"RECE on an SD1.5-shaped text encoder and UNet (one concept, the template prompts"
+                     f"{f', {threads} CPU threads, median of 3' if threads else ''}): {data['rece_sd15_seconds']:.1f} s.")
     return "\n".join(rows + ([""] + notes if notes else []))
 
 

@@ -213,10 +213,13 @@ def cmd_bench_adapters(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_erase(args: argparse.Namespace) -> int:
-    from studio.bench.erase import ROWS, erase_bench
+    from studio.bench.erase import ROWS, erase_bench, rece_sd15_timing
 
-    result = erase_bench(args.methods, args.concepts, n_prompts=args.prompts, n_other=args.other_prompts,
-                         n_seeds=args.seeds, work_dir=args.work_dir)
+    if args.only_speed:
+        result = rece_sd15_timing()
+    else:
+        result = erase_bench(args.methods, args.concepts, n_prompts=args.prompts, n_other=args.other_prompts,
+                             n_seeds=args.seeds, work_dir=args.work_dir)
     if args.output and Path(args.output).is_file():  # rows and concepts not re-measured stay as the file has them
         kept = previous_results(args.output)
         merged = {**kept, **result}
@@ -673,6 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="columns (default: all)")
     p.add_argument("--prompts", type=int, default=48, help="prompts naming the concept, each drawn once per seed")
     p.add_argument("--other-prompts", type=int, default=100, help="prompts naming none of it, for preservation and FD")
+    p.add_argument("--only-speed", action="store_true",
+                   help="only RECE's time on the SD1.5-shaped model, with this process's threads (the file's other "
+                        "entries kept)")
     p.add_argument("--seeds", type=int, default=2, help="sampling seeds per prompt")
     p.add_argument("--work-dir", default=None, help="keep the erasures here (default: a temporary folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -220,6 +220,18 @@ def test_erase_bench_structure(monkeypatch, capsys, tmp_path):
     assert result["none"]["red"]["erase_rate"]["value"] == 1.0  # the unedited model draws red when asked
 
 
+def test_erase_bench_only_speed_keeps_the_rest_of_the_file(monkeypatch, tmp_path, capsys):
+    """`studio bench erase --only-speed` re-measures RECE's SD1.5 time alone; the table in --output stays."""
+    import studio.bench.erase as erase
+
+    monkeypatch.setattr(erase, "rece_sd15_timing", lambda: {"rece_sd15_seconds": 2.5, "rece_sd15_threads": 2})
+    output = tmp_path / "erase.json"
+    output.write_text(json.dumps({"rece": {"circle": {"erase_rate": 0.0}}, "rece_sd15_seconds": 5.9}))
+    assert main(["bench", "erase", "--only-speed", "--json", "--output", str(output)]) == 0
+    assert json.loads(output.read_text()) == {"rece": {"circle": {"erase_rate": 0.0}}, "rece_sd15_seconds": 2.5,
+                                              "rece_sd15_threads": 2}
+
+
 @pytest.mark.slow  # trains five tiny quantizations (about 3 minutes); `pytest -m slow`
 def test_quantize_bench_reports_every_metric(tmp_path, monkeypatch):
     import studio.bench.quantize as bench
