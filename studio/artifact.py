@@ -76,6 +76,7 @@ class ArtifactHeader:
     fingerprint: dict
     extra: dict = field(default_factory=dict)
     trigger_words: list[str] = field(default_factory=list)
+    sha256: str = ""  # the content hash the header records (checked by `verify_content`)
 
 
 def fingerprint(model: torch.nn.Module, module_names: list[str]) -> dict:
@@ -267,7 +268,7 @@ def read_header(path: str | Path) -> ArtifactHeader:
             f"{path} has no {METHOD_KEY} in its header: it was not written by Diffusion Studio; "
             "convert it first with `studio convert`"
         )
-    stored_hash(path, metadata)
+    digest = stored_hash(path, metadata)
     try:
         config = json.loads(metadata.get(CONFIG_KEY, "{}"))
         base = json.loads(metadata.get(FINGERPRINT_KEY, "{}"))
@@ -283,7 +284,7 @@ def read_header(path: str | Path) -> ArtifactHeader:
             shape is None or (isinstance(shape, list) and all(isinstance(n, int) for n in shape)) for shape in layers.values()):
         raise StudioError(f"{path} has a corrupt studio header ({FINGERPRINT_KEY} is not a model and its layer shapes)")
     extra = {k: v for k, v in metadata.items() if not k.startswith("studio.")}
-    return ArtifactHeader(metadata[METHOD_KEY], metadata.get(VERSION_KEY, "?"), config, base, extra, trigger_words)
+    return ArtifactHeader(metadata[METHOD_KEY], metadata.get(VERSION_KEY, "?"), config, base, extra, trigger_words, digest)
 
 
 def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], ArtifactHeader]:

@@ -216,6 +216,9 @@ def cmd_bench_erase(args: argparse.Namespace) -> int:
     from studio.bench.erase import ROWS, erase_bench, rece_sd15_timing
 
     if args.only_speed:
+        given = [flag for flag, value in (("--methods", args.methods), ("--concepts", args.concepts)) if value]
+        if given:
+            raise StudioError(f"--only-speed measures RECE's time on the SD1.5-shaped model alone: drop {' and '.join(given)}")
         result = rece_sd15_timing()
     else:
         result = erase_bench(args.methods, args.concepts, n_prompts=args.prompts, n_other=args.other_prompts,
@@ -460,7 +463,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     header = read_header(args.file)
     verify_content(args.file)  # inspecting a file says whether it is intact
-    result = {"method": header.method, "version": header.version, "config": header.config,
+    result = {"method": header.method, "version": header.version, "config": header.config, "sha256": header.sha256,
               "fingerprint": {"model": header.fingerprint.get("model"), "layers": len(header.fingerprint.get("layers", {}))},
               "metadata": sorted(header.extra)}
     if args.model is not None:  # also check it fits that base model (layer shapes only, no weights loaded)
