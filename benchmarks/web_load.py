@@ -33,19 +33,18 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from studio.testing import form_values, start_server
 
 SHAPES = ["circle", "square", "triangle", "cross", "diamond"]
 COLOURS = ["red", "orange", "yellow", "green", "blue", "purple"]
@@ -65,40 +64,6 @@ def prompts(n: int) -> list[str]:
 
 
 # -- the server ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(root: Path, workers: int, max_sessions: int) -> tuple[subprocess.Popen, str]:
-    """`studio serve` as tests/conftest.py::serve starts it: cwd, HOME and TMPDIR under `root`, data in root/data."""
-    for name in ("cwd", "home", "tmp"):
-        (root / name).mkdir(exist_ok=True)
-    port = free_port()
-    env = dict(os.environ, HOME=str(root / "home"), TMPDIR=str(root / "tmp"), PYTHONDONTWRITEBYTECODE="1")
-    log = (root / "server.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "studio.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--data-dir", str(root / "data"), "--workers", str(workers), "--max-sessions", str(max_sessions)],
-        cwd=root / "cwd", env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    log.close()
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return process, url
-        except urllib.error.HTTPError:
-            return process, url
-        except OSError:
-            if process.poll() is not None or time.time() > deadline:
-                process.kill()
-                raise RuntimeError(f"studio serve did not start:\n{(root / 'server.log').read_text()}")
-            time.sleep(0.5)
 
 
 def stop_server(process: subprocess.Popen, root: Path) -> list[str]:
@@ -204,17 +169,6 @@ def mb(n: int) -> float:
 
 
 # -- the page's API, as tests/test_ui.py calls it ---------------------------------------------
-
-
-def form_values(client, api_name: str, **overrides) -> list:
-    """Every input of an endpoint by position, from the page's defaults; `overrides` by label."""
-    params = client.view_api(return_format="dict", print_info=False)["named_endpoints"][api_name]["parameters"]
-    values, unused = [], dict(overrides)
-    for param in params:
-        values.append(unused.pop(param["label"]) if param["label"] in unused else param.get("parameter_default"))
-    if unused:
-        raise RuntimeError(f"{api_name} has no inputs {sorted(unused)}")
-    return values
 
 
 def _value(x):
@@ -328,7 +282,8 @@ def run(args: argparse.Namespace, root: Path) -> dict:
     downloads = root / "downloads"
     extra_requests: list[float] = []  # latencies of the waves after the first
     rss_after_rounds: list[float] = []
-    process, url = start_server(root, args.workers, args.max_sessions)
+    process, url = start_server(root, "--host", "127.0.0.1", "--workers", str(args.workers),
+                                "--max-sessions", str(args.max_sessions), timeout=180)
     data = root / "data"
     try:
         time.sleep(2)  # settled after the first page load

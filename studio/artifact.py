@@ -207,14 +207,15 @@ def stored_hash(path: Path, metadata: dict[str, str]) -> str:
     return expected
 
 
-def verify_content(path: str | Path) -> None:
-    """Refuse a studio artifact whose content no longer matches the hash in its header (or that has none).
+def verify_content(path: str | Path, header: dict | None = None) -> None:
+    """Refuse a studio artifact whose content no longer matches the hash in its header (or that has none); `header`:
+    its safetensors header when the caller has read it already.
 
     Example:
         >>> verify_content("outputs/star/lora.safetensors")  # doctest: +SKIP
     """
     path = artifact_file(path)
-    header = check_safetensors(path)
+    header = header if header is not None else check_safetensors(path)
     expected = stored_hash(path, header.get("__metadata__") or {})
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
@@ -306,8 +307,9 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         torch.Size([4, 4, 3, 3])
     """
     path = artifact_file(path)
-    if METHOD_KEY in (check_safetensors(path).get("__metadata__") or {}):
-        verify_content(path)
+    header = check_safetensors(path)
+    if METHOD_KEY in (header.get("__metadata__") or {}):
+        verify_content(path, header)
     try:
         return load_file(str(path))
     except (SafetensorError, ValueError, OSError) as err:

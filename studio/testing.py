@@ -191,3 +191,63 @@ def random_artifact(path, method: str, config, seed: int = 0, pipe=None):
     perturb_trainable(pipe.unet, seed=seed)
     return save_artifact(Path(path), adapter.state_dict(pipe.unet), method, asdict(config), fingerprint(pipe.unet, names),
                          extra_metadata=adapter.file_metadata(config))
+
+
+def start_server(root, *args: str, timeout: float = 120):
+    """`studio serve ARGS` in a subprocess on a free port of 127.0.0.1, in `root/cwd` with HOME and TMPDIR under
+    `root` (so a caller can check nothing is written outside the data folder `root/data`), its output in
+    `root/server.log`; returns (the process, its URL) once it answers. The tests' server and the web-load benchmark's.
+
+    Example:
+        >>> process, url = start_server(Path("/tmp/app"), "--workers", "2")  # doctest: +SKIP
+    """
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+    from pathlib import Path
+
+    root = Path(root)
+    for name in ("cwd", "home", "tmp"):
+        (root / name).mkdir(exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HOME=str(root / "home"), TMPDIR=str(root / "tmp"), PYTHONDONTWRITEBYTECODE="1")
+    with (root / "server.log").open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "studio.cli", "serve", "--data-dir", str(root / "data"), "--port", str(port), *args],
+            cwd=root / "cwd", env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return process, url
+        except urllib.error.HTTPError:
+            return process, url  # it answers (a login page says 401)
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                raise RuntimeError(f"studio serve did not start:\n{(root / 'server.log').read_text()}")
+            time.sleep(0.5)
+
+
+def form_values(client, api_name: str, **overrides) -> list:
+    """Every input of a page endpoint by position, from the page's defaults; `overrides` by label (a
+    `gradio_client.Client`'s view of the app).
+
+    Example:
+        >>> form_values(client, "/start_train", method="lora", rank=4)  # doctest: +SKIP
+    """
+    params = client.view_api(return_format="dict", print_info=False)["named_endpoints"][api_name]["parameters"]
+    values, unused = [], dict(overrides)
+    for param in params:
+        values.append(unused.pop(param["label"]) if param["label"] in unused else param.get("parameter_default"))
+    if unused:
+        raise ValueError(f"{api_name} has no inputs {sorted(unused)}")
+    return values

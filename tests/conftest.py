@@ -63,45 +63,15 @@ def toy_artifact(tmp_path):
 
 @contextlib.contextmanager
 def serve(root, *extra_args):
-    """`studio serve` in a subprocess on a free port, in `root/cwd` with HOME and TMPDIR under `root`
-    (so a test can check that nothing is written outside the data folder `root/data`). Yields the URL."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.error
-    import urllib.request
+    """`studio serve` in a subprocess (`studio.testing.start_server`), stopped at the end. Yields the URL."""
+    from studio.testing import start_server
 
-    for name in ("cwd", "home", "tmp"):
-        (root / name).mkdir(exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, HOME=str(root / "home"), TMPDIR=str(root / "tmp"), PYTHONDONTWRITEBYTECODE="1")
-    with (root / "server.log").open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "studio.cli", "serve", "--data-dir", str(root / "data"), "--port", str(port), *extra_args],
-            cwd=root / "cwd", env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}/"
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break  # it answers (a login page says 401)
-            except OSError:
-                if process.poll() is not None or time.time() > deadline:
-                    process.kill()
-                    raise RuntimeError(f"studio serve did not start:\n{(root / 'server.log').read_text()}")
-                time.sleep(0.5)
-        try:
-            yield url
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+    process, url = start_server(root, *extra_args)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

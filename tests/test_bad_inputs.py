@@ -7,13 +7,13 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
-import struct
 from pathlib import Path
 
 import pytest
 import torch
 
 from studio.cli import main
+from test_hostile_files import _join, _split
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 SECTION = DOC.read_text().split("## Files, data, artifacts and the server")[1].split("\n## ")[0]
@@ -57,12 +57,9 @@ def files(tmp_path_factory) -> dict[str, str]:
     data = bytearray(lora.read_bytes())
     data[-5] ^= 0x10
     (tmp / "damaged.safetensors").write_bytes(bytes(data))
-    (header_len,) = struct.unpack("<Q", data[:8])
-    header = __import__("json").loads(lora.read_bytes()[8:8 + header_len])
+    header, body = _split(lora.read_bytes())
     del header["__metadata__"]["studio.sha256"]
-    text = __import__("json").dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    (tmp / "unhashed.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + lora.read_bytes()[8 + header_len:])
+    (tmp / "unhashed.safetensors").write_bytes(_join(header, body))
     save_file({"x": torch.zeros(2)}, str(tmp / "foreign.safetensors"))
     (tmp / "run" / "checkpoints" / "step-2").mkdir(parents=True)  # a folder named like a checkpoint, nothing in it
     return {"tmp": str(tmp), "output": str(tmp / "out")}

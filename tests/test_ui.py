@@ -12,22 +12,10 @@ from PIL import Image
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
+from studio.testing import form_values  # noqa: E402
 from studio.ui.app import UPLOAD_LABEL  # noqa: E402
 
 STEPS = 6
-
-
-def form_values(client: Client, api_name: str, **overrides):
-    """Every input of an endpoint by position, from the page's defaults; `overrides` by label."""
-    params = client.view_api(return_format="dict", print_info=False)["named_endpoints"][api_name]["parameters"]
-    values, unused = [], dict(overrides)
-    for param in params:
-        if param["label"] in unused:
-            values.append(unused.pop(param["label"]))
-        else:
-            values.append(param.get("parameter_default"))
-    assert not unused, f"no such inputs: {unused}"
-    return values
 
 
 def start(client: Client, values) -> tuple[str, str]:

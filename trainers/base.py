@@ -158,9 +158,12 @@ def _step_generators(seed: int, step: int) -> tuple[np.random.Generator, torch.G
 CHECKPOINT_MANIFEST = "studio-checkpoint.json"
 
 
-def _file_sha256(path: Path) -> str:
+def _file_sha256(path: Path, sync: bool = False) -> str:
+    """The file's SHA-256; with `sync`, the file is also flushed to disk (a checkpoint's, before it is named complete)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        if sync:
+            os.fsync(f.fileno())
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -176,12 +179,8 @@ def save_checkpoint(accelerator, folder: Path, step: int) -> None:
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        files = {}
-        for path in sorted(partial.rglob("*")):
-            if path.is_file():
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())  # on disk before the folder is named complete
-                files[str(path.relative_to(partial))] = _file_sha256(path)
+        files = {str(path.relative_to(partial)): _file_sha256(path, sync=True)
+                 for path in sorted(partial.rglob("*")) if path.is_file()}
         write_atomically(partial / CHECKPOINT_MANIFEST, json.dumps({"step": step, "files": files}, indent=1).encode())
         if folder.exists():  # the same step saved again (a resumed run): the old one goes once the new one is in place
             replaced = folder.with_name(folder.name + ".replaced")
