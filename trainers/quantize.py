@@ -43,6 +43,7 @@ from studio.quantize import PROMPTS_FILE, calibrate_activations, export, quantiz
 
 CALIBRATION_TRAJECTORIES = 16  # trajectories whose x_t calibrate the activation ranges, at each timestep
 TRAJECTORY_BATCH = 16  # teacher trajectories computed together
+MIN_STEP_FRACTION = 0.05  # a learned step stays above this share of its calibrated value
 
 
 def quantize_prompts(config, toy: bool) -> list[str]:
@@ -192,6 +193,22 @@ class DistillationTrainer(PTQTrainer):
         for group in self.step_groups(method_config):
             for parameter in group["params"]:
                 parameter.requires_grad_(True)
+
+    def prepare(self, loop: Loop) -> None:
+        super().prepare(loop)
+        # The lowest each step may learn down to: a fraction of its calibrated value. Adam moves a step by about its
+        # learning rate per update whatever the step's size, and the toy model's activation steps (~0.015) crossed
+        # zero within 400 steps at the reference's 5e-4 (17 of 123 layers had a negative step at some timestep,
+        # which flips and zeroes that layer's input there). Calibration is seeded, so a resumed run gets the same floors.
+        self.step_floors = [(quantizer.step, quantizer.step.detach().clone() * MIN_STEP_FRACTION)
+                            for layer in self.layers.values()
+                            for quantizer in (layer.weight_quantizer, layer.act_quantizer)]
+
+    @torch.no_grad()
+    def after_step(self, loop: Loop, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Project every learned step back above its floor (a step must stay positive: LSQ's steps are scales)."""
+        for parameter, floor in self.step_floors:
+            torch.maximum(parameter, floor, out=parameter)
 
 
 class EfficientDMTrainer(DistillationTrainer):
