@@ -221,11 +221,12 @@ def quantize_table() -> str:
     if not path.is_file():
         return ""
     data = json.loads(path.read_text())
-    rows = ["| method | bits | agreement | psnr (dB) | fd | UNet size (MB; fp32 in brackets) | seconds |",
+    rows = ["| method | bits | agreement [95% CI] | psnr (dB) | fd | UNet size (MB; fp32 in brackets) | seconds |",
             "|---|---|---|---|---|---|---|"]
     for method in ("ptq", "efficientdm", "qat"):
         for bits, r in data.get(method, {}).items():
-            rows.append(f"| {method} | {bits} | {r['agreement']:.3f} | {r['psnr']:.1f} | {r['fd']:.1f} | "
+            ci = f" [{r['agreement_ci'][0]:.2f}–{r['agreement_ci'][1]:.2f}]" if "agreement_ci" in r else ""
+            rows.append(f"| {method} | {bits} | {r['agreement']:.3f}{ci} | {r['psnr']:.1f} | {r['fd']:.1f} | "
                         f"{r['size_bytes'] / 1e6:.2f} ({r['fp32_size_bytes'] / 1e6:.2f}) | {r['seconds']:.0f} |")
     notes = []
     if "qat_time_ratio" in data:

@@ -692,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=None, choices=[m for m, v in registry.METHODS.items() if v.kind == "quantize"],
                    help="rows (default: all; qat is timed against efficientdm's w4a8, so it needs that one)")
     p.add_argument("--bits", nargs="+", default=None, choices=["w8a8", "w4a8", "w4a4"], help="columns (default: all)")
-    p.add_argument("--prompts", type=int, default=64, help="prompts drawn by every model, once per seed")
+    p.add_argument("--prompts", type=int, default=128, help="prompts drawn by every model, once per seed")
     p.add_argument("--seeds", type=int, default=2, help="sampling seeds per prompt")
     p.add_argument("--no-speed", action="store_true", help="skip the int8 kernel timing on the SD1.5-shaped UNet")
     p.add_argument("--only-speed", action="store_true", help="only the int8 kernel timing (the file's other entries kept)")

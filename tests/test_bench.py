@@ -1,6 +1,7 @@
 """The bench commands run end to end and report what the issue names (small settings; the real runs are in benchmarks/results)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,6 +231,27 @@ def test_erase_bench_only_speed_keeps_the_rest_of_the_file(monkeypatch, tmp_path
     assert main(["bench", "erase", "--only-speed", "--json", "--output", str(output)]) == 0
     assert json.loads(output.read_text()) == {"rece": {"circle": {"erase_rate": 0.0}}, "rece_sd15_seconds": 2.5,
                                               "rece_sd15_threads": 2}
+
+
+def test_erase_bench_composes_spm_single_concepts_for_all_three(monkeypatch, tmp_path):
+    """SPM's all-three column is its three single-concept membranes applied together (as its paper combines SPMs):
+    a concept's run made for its own column is reused, the others are made; every other method runs once over the
+    three concepts."""
+    import studio.bench.erase as erase
+
+    runs, applied = [], []
+    monkeypatch.setattr(erase, "run_erasure", lambda method, column, folder: runs.append((method, column)) or
+                        (Path(f"{method}-{column}.safetensors"), 10.0))
+    monkeypatch.setattr(erase.plugin, "apply", lambda pipe, path, name=None: applied.append((str(path), name)))
+    monkeypatch.setattr(erase, "measure", lambda *args: {"raw": {}})
+    monkeypatch.setattr(erase, "spm_transfer", lambda *args: {})
+    monkeypatch.setattr(erase, "load", lambda model: None)
+    monkeypatch.setattr(erase, "rece_sd15_timing", lambda: {})
+    result = erase.erase_bench(["none", "spm", "rece"], ["circle", "all-three"], work_dir=str(tmp_path))
+    assert runs == [("spm", "circle"), ("spm", "red"), ("spm", "striped"), ("rece", "circle"), ("rece", "all-three")]
+    assert applied[1:4] == [("spm-circle.safetensors", "spm-circle"), ("spm-red.safetensors", "spm-red"),
+                            ("spm-striped.safetensors", "spm-striped")]
+    assert result["spm"]["all-three"]["seconds"] == 30.0 and result["rece"]["all-three"]["seconds"] == 10.0
 
 
 @pytest.mark.slow  # trains five tiny quantizations (about 3 minutes); `pytest -m slow`

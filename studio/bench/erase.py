@@ -3,7 +3,8 @@
 Rows (`ROWS`): `none` (the unedited toy model), `negative-prompt` (the concept as the negative prompt: what users
 try first), and each erasure method run with its defaults through `studio erase`'s own code (`train`). Columns: three
 single concepts of the three kinds, an object (`circle`), an attribute (`red`) and a style (`striped`), and
-`all-three` erased at once. Per (row, column), on the toy model, 20 steps at guidance 5, the same seeds everywhere:
+`all-three` erased at once (one run over the three concepts; for SPM the three single-concept membranes applied
+together, `COMPOSED`, as its paper combines SPMs). Per (row, column), on the toy model, 20 steps at guidance 5, the same seeds everywhere:
 
 - `erase_rate`: share of samples, from prompts naming the concept (`concept_prompts`: a caption naming it with every
   other attribute named, never an erased value), that the evaluator reads as showing it. For `all-three` a sample
@@ -60,6 +61,10 @@ SYNONYMS = {"circle": ["disk", "round shape"], "striped": ["stripy"],
 # ANT, the paper's 250 iterations at the toy learning rate 2e-3 (circle, 32 prompts: erase_rate 0.38, preservation
 # -0.15; at 1e-3 with the saliency mask, or at 5e-4 (the paper's), nothing was erased).
 RECIPES = {"spm": {"max_train_steps": 300}, "ant": {"max_train_steps": 250}}
+# Methods whose `all-three` column applies the three single-concept artifacts together instead of one run over the
+# three concepts: SPM's own way of erasing several concepts (one membrane per concept, each gated by the prompt's
+# likeness to its own concept, the membranes summed). Its seconds are the three runs'.
+COMPOSED = ("spm",)
 ATTACK = {"steps": 150, "learning_rate": 5e-3, "batch_size": 8, "renders": 64, "samples": 64}
 ATTACK_WORD = "<*>"
 SAMPLE_STEPS, GUIDANCE = 20, 5.0
@@ -345,13 +350,19 @@ def erase_bench(rows: list[str] | None = None, columns: list[str] | None = None,
             if row == "none":
                 continue
             result[row] = {}
+            trained: dict[str, tuple[Path, float]] = {}  # this row's artifact and seconds per column
             for column in columns:
                 pipe = load("toy")
                 negative, seconds = "", 0.0
                 if row == "negative-prompt":
                     negative = ", ".join(erased(column))
+                elif row in COMPOSED and column == "all-three":
+                    for concept in erased(column):  # one per concept, as its own column made it (or now)
+                        trained[concept] = trained.get(concept) or run_erasure(row, concept, folder)
+                        plugin.apply(pipe, trained[concept][0], name=f"{row}-{concept}")
+                        seconds += trained[concept][1]
                 else:
-                    artifact, seconds = run_erasure(row, column, folder)
+                    trained[column] = artifact, seconds = run_erasure(row, column, folder)
                     plugin.apply(pipe, artifact)
                     if row == "spm" and column == "circle":
                         result["spm_transfer"] = spm_transfer(artifact, n_prompts, seeds, evaluator, folder)
