@@ -207,6 +207,11 @@ def erase_table() -> str:
         notes.append(f"SPM transferred unchanged to a derived model ({transfer['derived_model']}): circle's erase_rate "
                      f"{_rate(transfer['erase_rate_on_derived'])} there, {_rate(transfer['derived_without_spm'])} "
                      "without it.")
+    if "spm_without_transport" in data:
+        cells = [f"{concept} erase {_rate(r['erase_rate'])}, synonyms {_rate(r['synonym_rate'])}, preservation "
+                 f"{r['preservation']['value']:+.3f}" for concept, r in data["spm_without_transport"].items()]
+        notes.append("SPM without Facilitated Transport (its official layout loaded by stock diffusers as a plain LoRA, "
+                     "every membrane open): " + "; ".join(cells) + ".")
     if "rece_sd15_seconds" in data:
         threads = data.get("rece_sd15_threads")
         notes.append(f"RECE on an SD1.5-shaped text encoder and UNet (one concept, the template prompts"

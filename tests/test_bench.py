@@ -245,6 +245,7 @@ def test_erase_bench_composes_spm_single_concepts_for_all_three(monkeypatch, tmp
     monkeypatch.setattr(erase.plugin, "apply", lambda pipe, path, name=None: applied.append((str(path), name)))
     monkeypatch.setattr(erase, "measure", lambda *args: {"raw": {}})
     monkeypatch.setattr(erase, "spm_transfer", lambda *args: {})
+    monkeypatch.setattr(erase, "spm_without_transport", lambda *args: {"synonym_rate": 0.0})
     monkeypatch.setattr(erase, "load", lambda model: None)
     monkeypatch.setattr(erase, "rece_sd15_timing", lambda: {})
     result = erase.erase_bench(["none", "spm", "rece"], ["circle", "all-three"], work_dir=str(tmp_path))
@@ -252,6 +253,7 @@ def test_erase_bench_composes_spm_single_concepts_for_all_three(monkeypatch, tmp
     assert applied[1:4] == [("spm-circle.safetensors", "spm-circle"), ("spm-red.safetensors", "spm-red"),
                             ("spm-striped.safetensors", "spm-striped")]
     assert result["spm"]["all-three"]["seconds"] == 30.0 and result["rece"]["all-three"]["seconds"] == 10.0
+    assert result["spm_without_transport"] == {"circle": {"synonym_rate": 0.0}}  # single concepts only
 
 
 @pytest.mark.slow  # trains five tiny quantizations (about 3 minutes); `pytest -m slow`

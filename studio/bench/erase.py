@@ -22,6 +22,8 @@ together, `COMPOSED`, as its paper combines SPMs). Per (row, column), on the toy
 - `seconds`: time to erase (the run's own `seconds`); `rece_sd15_seconds`: RECE on SD1.5-shaped text encoder and UNet.
 - `spm_transfer`: the circle SPM applied unchanged to a derived model (`spm_transfer`), its erase_rate there beside
   the derived model's own.
+- `spm_without_transport`: per single concept, each SPM in its official layout loaded by stock diffusers as a plain
+  LoRA (no Facilitated Transport: every membrane fully open): erase_rate, synonym_rate, preservation, fd_other.
 
 Example:
     $ studio bench erase --json --output benchmarks/results/erase.json
@@ -197,8 +199,9 @@ def run_erasure(method: str, column: str, folder: Path) -> tuple[Path, float]:
 
 
 def measure(pipe, column: str, negative: str, n_prompts: int, n_other: int, seeds: list[int], evaluator,
-            reference: dict | None) -> dict:
-    """Every metric of one (row, column) on `pipe` as it stands; `reference`: the `none` row's raw samples."""
+            reference: dict | None, adversarial: bool = True) -> dict:
+    """Every metric of one (row, column) on `pipe` as it stands (the attack left out with `adversarial=False`);
+    `reference`: the `none` row's raw samples."""
     concepts = erased(column)
     result: dict = {}
     hits_any, per_concept = [], {}
@@ -241,7 +244,8 @@ def measure(pipe, column: str, negative: str, n_prompts: int, n_other: int, seed
     else:
         result["preservation"] = _share(accuracy - reference["accuracy"])
         result["fd_other"] = round(frechet_distance(other_features, reference["features"]), 3)
-    result["adversarial_rate"] = round(attack(pipe, concepts, seed=400, negative=negative), 4)
+    if adversarial:
+        result["adversarial_rate"] = round(attack(pipe, concepts, seed=400, negative=negative), 4)
     return result
 
 
@@ -265,6 +269,20 @@ def spm_transfer(spm_artifact: Path, n_prompts: int, seeds: list[int], evaluator
     after = shows(score(draw(pipe, prompts, seeds), evaluator=evaluator).rows, "circle")
     return {"derived_model": "toy + a LoRA (200 steps on 64 ShapesWorld renders) fused by diffusers",
             "erase_rate_on_derived": _share(after), "derived_without_spm": _share(before)}
+
+
+def spm_without_transport(spm_artifact: Path, column: str, n_prompts: int, n_other: int, seeds: list[int], evaluator,
+                          reference: dict, folder: Path) -> dict:
+    """The same SPM in its official layout (`studio convert --to kohya`) loaded by stock diffusers as a plain LoRA:
+    every membrane fully open whatever the prompt, no Facilitated Transport. Beside the gated row it shows what the
+    transport holds back (synonyms the membrane would erase) and what it protects (the other prompts)."""
+    from studio.convert import to_kohya
+
+    official = to_kohya(spm_artifact, folder / f"spm-{column}-official.safetensors")
+    pipe = load("toy")
+    pipe.load_lora_weights(str(official))
+    measured = measure(pipe, column, "", n_prompts, n_other, seeds, evaluator, reference, adversarial=False)
+    return {key: measured[key] for key in ("erase_rate", "synonym_rate", "synonym_prompts", "preservation", "fd_other")}
 
 
 def quick_check(artifact: Path, concepts: list[str], n_prompts: int = 32, n_other: int = 32) -> dict:
@@ -366,6 +384,9 @@ def erase_bench(rows: list[str] | None = None, columns: list[str] | None = None,
                     plugin.apply(pipe, artifact)
                     if row == "spm" and column == "circle":
                         result["spm_transfer"] = spm_transfer(artifact, n_prompts, seeds, evaluator, folder)
+                    if row == "spm":
+                        result.setdefault("spm_without_transport", {})[column] = spm_without_transport(
+                            artifact, column, n_prompts, n_other, seeds, evaluator, reference[column], folder)
                 measured = measure(pipe, column, negative, n_prompts, n_other, seeds, evaluator, reference[column])
                 measured["seconds"] = round(seconds, 2)
                 result[row][column] = measured
