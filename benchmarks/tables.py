@@ -190,8 +190,9 @@ def erase_table() -> str:
     rows = ["| method | concept | erase_rate | synonym_rate (prompts) | preservation | fd_other (floor) | "
             "adversarial_rate | seconds |", "|---|---|---|---|---|---|---|---|"]
     for method, columns in data.items():
-        if not isinstance(columns, dict) or not all(isinstance(r, dict) and "erase_rate" in r for r in columns.values()):
-            continue  # the protocol, the SPM transfer, timings
+        if method == "spm_without_transport" or not isinstance(columns, dict) or \
+                not all(isinstance(r, dict) and "erase_rate" in r for r in columns.values()):
+            continue  # the protocol, the SPM transfer and without transport (notes below), timings
         for concept, r in columns.items():
             floor = data["none"][concept]["fd_other"]
             preservation = r["preservation"]
