@@ -473,7 +473,6 @@ def is_lycoris_file(path: str | Path) -> bool:
         >>> is_lycoris_file("star-oft-lycoris.safetensors")  # doctest: +SKIP
         True
     """
-    check_safetensors(Path(path))
     return any(_lycoris_algo(params) != "lora" for params in _lycoris_modules(load_tensors(path)).values())
 
 
@@ -536,7 +535,6 @@ def from_lycoris(path: str | Path, output: str | Path, model: str = "toy") -> Pa
     from studio.pipeline import load
 
     path = Path(path)
-    check_safetensors(path)
     modules = _lycoris_modules(load_tensors(path))
     algos = {stem: _lycoris_algo(params) for stem, params in modules.items()}
     if algos and set(algos.values()) == {"lora"}:
