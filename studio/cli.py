@@ -184,8 +184,23 @@ def print_result(result: dict, args: argparse.Namespace) -> int:
     return 0
 
 
+def check_counts(args: argparse.Namespace, *flags: str) -> None:
+    """Refuse a count flag (`--prompts`, `--workers`, ...) below 1 before anything loads: a bench would measure
+    nothing, or fail later with a message about something else; a server with no worker would never run a job.
+
+    Example:
+        >>> check_counts(argparse.Namespace(prompts=4), "--prompts")
+    """
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None and value < 1:
+            raise StudioError(f"{flag} {value}: must be a whole number >= 1")
+
+
 def cmd_bench_personalize(args: argparse.Namespace) -> int:
     from studio.bench.personalize import personalize
+
+    check_counts(args, "--preservation-prompts", "--seeds", "--max-train-steps")
 
     result = personalize(args.methods, n_preservation=args.preservation_prompts, n_seeds=args.seeds,
                          work_dir=args.work_dir, steps=args.max_train_steps, train_seeds=args.train_seeds,
@@ -204,6 +219,7 @@ def previous_results(path: str) -> dict:
 def cmd_bench_adapters(args: argparse.Namespace) -> int:
     from studio.bench.adapters import BENCHES, adapters
 
+    check_counts(args, "--references", "--max-train-steps")
     result = adapters(args.adapters, n_refs=args.references, steps=args.max_train_steps, work_dir=args.work_dir,
                       train_seed=args.train_seed)
     if args.output and Path(args.output).is_file():  # one adapter re-measured: the others' entries stay in the file
@@ -213,8 +229,13 @@ def cmd_bench_adapters(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_erase(args: argparse.Namespace) -> int:
-    from studio.bench.erase import ROWS, erase_bench, rece_sd15_timing
+    from studio.bench.erase import COLUMNS, ROWS, erase_bench, erased, rece_sd15_timing
 
+    check_counts(args, "--prompts", "--other-prompts", "--seeds")
+    widest = max(len(erased(column)) for column in args.concepts or COLUMNS)
+    if args.prompts < widest:  # a column's prompts are shared among the concepts it erases
+        raise StudioError(f"--prompts {args.prompts}: all-three shares the prompts among its {widest} concepts; give at "
+                          f"least {widest}")
     if args.only_speed:
         given = [flag for flag, value in (("--methods", args.methods), ("--concepts", args.concepts)) if value]
         if given:
@@ -236,6 +257,7 @@ def cmd_bench_erase(args: argparse.Namespace) -> int:
 def cmd_bench_quantize(args: argparse.Namespace) -> int:
     from studio.bench.quantize import quantize_bench
 
+    check_counts(args, "--prompts", "--seeds")
     if args.no_speed and args.only_speed:
         raise StudioError("--no-speed and --only-speed contradict each other; give one")
     if args.only_speed:
@@ -534,9 +556,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     user, sep, password = (args.auth or "").partition(":")
     if args.auth is not None and not (sep and user and password):
         raise StudioError(f"--auth needs USER:PASSWORD (got {args.auth!r})")
-    for flag, value in (("--workers", args.workers), ("--max-sessions", args.max_sessions)):
-        if value < 1:  # no worker: every job would wait forever
-            raise StudioError(f"{flag} {value}: must be a whole number >= 1")
+    check_counts(args, "--workers", "--max-sessions")
     data_dir = Path(args.data_dir).resolve()
     # Uploads and every temporary file stay inside the data folder (set before gradio is imported).
     (data_dir / "tmp").mkdir(parents=True, exist_ok=True)
