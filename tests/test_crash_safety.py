@@ -166,6 +166,7 @@ def _kill_in_the_artifact(method: str, tmp_path: Path, reference: Path) -> None:
     _assert_same(reference, in_artifact / artifact)
 
 
+@pytest.mark.slow  # 17-21 s; CI was 10:37 on a slow day. `pytest -m slow`; its siblings there kill SPM and EfficientDM runs
 def test_a_lora_run_killed_while_saving_a_checkpoint_resumes_to_the_same_artifact(tmp_path):
     _kill_and_resume("lora", tmp_path, seed=1, points=("save",))
 

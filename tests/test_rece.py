@@ -31,6 +31,8 @@ def _draw(pipe, prompts: list[str]) -> list:
     return generate(pipe, SampleSettings(prompts=prompts, seeds=[3], steps=20, batch_size=64), progress=False)
 
 
+@pytest.mark.slow  # 16 s of sampling; CI was 10:37 on a slow day. RECE's erasure runs in the fast set (the
+# other tests here, the README's commands); `pytest -m slow` measures it
 def test_erases_the_concept_and_keeps_the_rest(erased):
     """A small version of `studio bench erase`: 16 prompts naming the concept, 16 naming neither."""
     for concept, artifact in zip(("circle", "red"), erased):
