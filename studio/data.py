@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from glob import escape as glob_escape
@@ -274,6 +275,10 @@ def shapesworld_examples(spec: str, resolution: int) -> list[Example]:
     options = parse_shapesworld_spec(spec)
     rng = np.random.default_rng(options["seed"])
     examples = []
+    # Shapes and colours cycle together, every pair once per `period` examples. Sizes cycle too, shifted by one at
+    # each period: cycling them with the same index would tie each size to some colours (with 14 sizes and 6
+    # colours, every size would only ever show 3 of them).
+    period = math.lcm(len(options["shapes"]), len(options["colors"]))
     for i in range(options["count"]):
         shape = options["shapes"][i % len(options["shapes"])]
         color = options["colors"][i % len(options["colors"])]
@@ -284,7 +289,7 @@ def shapesworld_examples(spec: str, resolution: int) -> list[Example]:
             dx, dy = rng.uniform(-RANDOM_PLACE_RANGE, RANDOM_PLACE_RANGE, size=2)
             jitter = (float(dx), float(dy), jitter[2])
         spec_i = ShapeSpec(shape, color, base.texture, base.background, base.size, base.position)
-        width, height = options["sizes"][i % len(options["sizes"])] if options["sizes"] else (resolution, resolution)
+        width, height = options["sizes"][(i + i // period) % len(options["sizes"])] if options["sizes"] else (resolution, resolution)
         drawn = render(spec_i, width, height, jitter)
         caption = options["caption"].format(
             color=color, shape=shape, texture=spec_i.texture, position=spec_i.position,

@@ -67,3 +67,17 @@ def test_bucket_batches_never_mix_buckets():
     batches = bucket_batches(buckets, 2, np.random.default_rng(0))
     assert sorted(i for b in batches for i in b) == list(range(8))
     assert all(len({buckets[i] for i in b}) == 1 for b in batches)
+
+
+def test_shapesworld_sizes_show_every_colour_and_shape():
+    """Sizes cycle like shapes and colours do, so with one shared index 14 sizes and 6 colours would give each size
+    only 3 colours (ResAdapter's norms then learn which colours a size has); each size must show them all."""
+    sizes = "24|32|40|48|56|64|24x48|48x24|32x64|64x32|32x48|48x32|40x64|64x40"
+    data = load_dataset(f"shapesworld:shape=seen,count=420,caption={{color}} {{shape}},sizes={sizes}", 32, keep_sizes=True)
+    seen: dict = {}
+    for example, size in zip(data.examples, data.buckets):
+        seen.setdefault(size, set()).update(example.caption.split())
+    assert len(seen) == 14
+    assert all({"red", "orange", "yellow", "green", "blue", "purple", "circle", "square"} <= words for words in seen.values())
+    small = load_dataset("shapesworld:shape=seen,count=2,sizes=24|32", 32, keep_sizes=True)
+    assert sorted(set(small.buckets)) == [(24, 24), (32, 32)]  # a few examples still cover every size
