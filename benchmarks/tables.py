@@ -165,11 +165,12 @@ def res_table() -> str:
                    f"{r['evaluator_on_renders']['value']:.2f} | {loss} |")
     agreement = res["native_agreement"]
     out.append("")
+    threads = f" on {res['threads']} CPU threads" if "threads" in res else ""  # recorded since the data fix's re-run
     out.append(f"single_object_correct over {res['references']} texts, one sample each per size; goal ≥ 0.85 at every size "
                f"(worst: {res['worst_size']}, {res['worst_single_object_correct']:.2f}). native_agreement at 32×32: "
                f"{_with_ci(agreement['value'], agreement['ci'])} (goal ≥ 0.95). Recipe: {res['recipe']['max_train_steps']} "
                f"steps, batch {res['recipe']['train_batch_size']}, learning rate {res['recipe']['learning_rate']:g} "
-               f"({res['train_seconds'] / 60:.0f} min on one CPU thread). Parameters: {res['params_toy']:,} on the toy UNet, "
+               f"({res['train_seconds'] / 60:.0f} min{threads}). Parameters: {res['params_toy']:,} on the toy UNet, "
                f"{res['params_sd15'] / 1e6:.2f}M on an SD1.5-shaped UNet (the paper: {res['params_paper']}).")
     return "\n".join(out)
 

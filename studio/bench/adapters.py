@@ -413,6 +413,7 @@ def res_adapter(n_refs: int, train_seed: int, steps: int | None, folder: Path) -
         "worst_size": worst, "worst_single_object_correct": result["sizes"][worst]["single_object_correct"]["value"],
         "goals": {"single_object_correct at every size": ">= 0.85", "native_agreement": ">= 0.95"},
         "references": n_refs, "recipe": recipe, "train_seed": train_seed, "train_seconds": round(train_seconds, 1),
+        "threads": torch.get_num_threads(),
         "params_toy": trained.trainable_params,
         "params_sd15": _sd15_count(res_adapter_parameter_count), "params_paper": "0.5M (SD1.5 release: 0.9M)",
     })
