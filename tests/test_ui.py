@@ -454,6 +454,7 @@ def test_serve_asks_for_the_login(tmp_path):
         assert Client(url, auth=("me", "secret"), verbose=False).predict("toy model", "", "", api_name="/choose_model")
 
 
+@pytest.mark.slow  # about 20 s; tests/test_jobs.py covers the queue's stop with a checkpoint in the fast set
 def test_stopping_the_app_stops_its_jobs(tmp_path):
     """SIGTERM to `studio serve` stops a running training job with a checkpoint; none is left running."""
     import json
