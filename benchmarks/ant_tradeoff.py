@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from studio.bench.erase import RECIPES, quick_check
+from studio.cli import print_result
 from studio.trainers.base import TrainConfig, train
 
 # (learning rate (None: the toy rate), method options); the bench's recipe first.
@@ -51,14 +52,12 @@ def sweep(folder: Path) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", help="also write the JSON here")
+    parser.set_defaults(json=True)  # for print_result: the JSON, on one line
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         result = {"concept": "circle", "max_train_steps": RECIPES["ant"]["max_train_steps"],
                   "check": "quick_check: 32 prompts naming circle, 32 naming none of it, seed 0", "runs": sweep(Path(folder))}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    print_result(result, args)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import argparse
 import json
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +26,7 @@ import torch
 from studio import plugin
 from studio.bench.adapters import REFERENCE_SEED, _share, native_view, random_spec
 from studio.bench.erase import GUIDANCE, SAMPLE_STEPS
+from studio.cli import print_result
 from studio.eval import load_evaluator, score
 from studio.pipeline import load
 from studio.toy.captions import caption_from_parts
@@ -49,6 +49,7 @@ def judge(pipe, prompts: list[str], expected: list[dict], size: int, evaluator) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", help="also write the JSON here")
+    parser.set_defaults(json=True)  # for print_result: the JSON, on one line
     args = parser.parse_args()
     evaluator = load_evaluator()
     rng = np.random.default_rng(REFERENCE_SEED + 3)  # the bench's texts
@@ -71,10 +72,7 @@ def main() -> None:
             result[method] = {size: _share(judge(pipe, prompts, expected, size, evaluator)) for size in (64, 32)}
             result[method].update(trainable_params=trained.trainable_params, seconds=round(time.time() - started))
             print(json.dumps({method: result[method]}), flush=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    print_result(result, args)
 
 
 if __name__ == "__main__":
