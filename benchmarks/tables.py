@@ -165,7 +165,7 @@ def res_table() -> str:
                    f"{r['evaluator_on_renders']['value']:.2f} | {loss} |")
     agreement = res["native_agreement"]
     out.append("")
-    threads = f" on {res['threads']} CPU threads" if "threads" in res else ""  # recorded since the data fix's re-run
+    threads = f" on {res['threads']} CPU threads" if "threads" in res else ""  # files written before the key lack it
     out.append(f"single_object_correct over {res['references']} texts, one sample each per size; goal ≥ 0.85 at every size "
                f"(worst: {res['worst_size']}, {res['worst_single_object_correct']:.2f}). native_agreement at 32×32: "
                f"{_with_ci(agreement['value'], agreement['ci'])} (goal ≥ 0.95). Recipe: {res['recipe']['max_train_steps']} "

@@ -19,9 +19,10 @@ A control image (T2I-Adapter's condition: a mask, an edge map) of `X/img.jpg` is
 a folder named `conditions` are never training images. A ShapesWorld spec with
 `condition=mask` or `condition=edge` derives it from each render (the object's
 mask, or its 1-pixel outline), and `place=random` puts each object anywhere on
-the canvas instead of at one of the five named positions. `sizes=24|48|64x32` renders the examples at these sizes in turn, each size with
-every shape and colour (N or WxH pixels; the object scales with the canvas), instead
-of at the training resolution.
+the canvas instead of at one of the five named positions. `sizes=24|48|64x32`
+renders the examples at these sizes in turn, each size with every shape and
+colour (N or WxH pixels; the object scales with the canvas), instead of at the
+training resolution.
 
 Images are sorted into aspect-ratio buckets of about `resolution`^2 pixels
 (sides multiples of `multiple`); each image is resized and centre-cropped to
