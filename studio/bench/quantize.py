@@ -97,8 +97,8 @@ def agreement_ci(hits: list[bool]) -> list[float]:
 class Reference:
     """The full-precision toy model's samples on the bench prompts and seeds, and what the evaluator reads in them."""
 
-    def __init__(self, n_prompts: int, seeds: list[int], evaluator) -> None:
-        self.prompts, _ = other_prompts([], n_prompts, seed=500)
+    def __init__(self, n_prompts: int, seeds: list[int], evaluator, prompt_seed: int = 500) -> None:
+        self.prompts, _ = other_prompts([], n_prompts, seed=prompt_seed)
         self.seeds, self.evaluator = seeds, evaluator
         self.images = draw(load("toy"), self.prompts, seeds)
         self.rows = score(self.images, evaluator=evaluator).rows

@@ -1,0 +1,73 @@
+"""One quantization run with its recipe changed, scored as `studio bench quantize` scores: the sweep behind RECIPES.
+
+The recipe is chosen on other prompts and seeds than those scored: this scores 128 prompts drawn with seed 900
+(`--prompt-seed`) on sampling seeds 1000 and 1001 (`--seeds`), while `studio bench quantize` scores prompts drawn
+with seed 500 on sampling seeds 0 and 1. Prints one JSON line (the run's metrics plus what was changed); the lines
+measured so far are kept in benchmarks/results/quantize-sweep.jsonl.
+
+Knobs (any field of the method's config works with --option, converted to its type):
+    --steps 1600                      more distillation steps (the recipe has 400)
+    --batch-size 16                   (trajectory, step) pairs per step (default 4)
+    --learning-rate 1e-4              the LoRA's average rate (EfficientDM's toy default 3e-4)
+    --option trajectories=256         more teacher trajectories (default 64)
+    --option act_step_lr=1e-4         the activation steps' rate (default 5e-4)
+
+Example:
+    $ python benchmarks/quantize_sweep.py efficientdm --bits w4a8 --steps 1600 \\
+        >> benchmarks/results/quantize-sweep.jsonl
+"""
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from personalize_sweep import parse_options
+
+from studio.bench import quantize
+from studio.errors import StudioError
+from studio.eval import load_evaluator
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("method", choices=quantize.ROWS)
+    parser.add_argument("--bits", default="w4a8", choices=quantize.COLUMNS)
+    parser.add_argument("--steps", type=int, default=None, help="distillation steps (EfficientDM's recipe: 400)")
+    parser.add_argument("--batch-size", type=int, default=None, help="(trajectory, step) pairs per step (default 4)")
+    parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method option, converted to its type: trajectories=256, act_step_lr=1e-4")
+    parser.add_argument("--prompts", type=int, default=128, help="scored prompts (default 128)")
+    parser.add_argument("--prompt-seed", type=int, default=900, help="seed drawing them (the bench's is 500)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1000, 1001],
+                        help="sampling seeds (default 1000 1001; the bench's are 0 1)")
+    args = parser.parse_args()
+    for name in ("steps", "batch_size", "prompts"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    try:
+        options = parse_options(args.method, args.option)
+    except StudioError as err:
+        parser.error(str(err))
+    loop = {**quantize.RECIPES.get(args.method, {})}
+    if args.steps is not None:
+        loop["max_train_steps"] = args.steps
+    if args.batch_size is not None:
+        loop["train_batch_size"] = args.batch_size
+    if args.learning_rate is not None:
+        loop["learning_rate"] = args.learning_rate
+    reference = quantize.Reference(args.prompts, args.seeds, load_evaluator(), prompt_seed=args.prompt_seed)
+    with tempfile.TemporaryDirectory(prefix="studio-quantize-sweep-") as folder:
+        from studio.trainers.base import TrainConfig, train
+
+        result = train(TrainConfig(method=args.method, output_dir=str(Path(folder) / "run"), validation_steps=0,
+                                   method_options={"bits": args.bits, **options}, **loop))
+        measured = quantize.measure(result.artifact, reference)
+    print(json.dumps({"method": args.method, "bits": args.bits, "changed": {**loop, **options},
+                      **measured, "seconds": round(result.seconds, 1), "prompt_seed": args.prompt_seed,
+                      "seeds": args.seeds}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
