@@ -9,6 +9,7 @@ Knobs (any field of the method's config works with --option, converted to its ty
     --steps 1600                      more distillation steps (the recipe has 400)
     --batch-size 16                   (trajectory, step) pairs per step (default 4)
     --learning-rate 1e-4              the LoRA's average rate (EfficientDM's toy default 3e-4)
+    --lr-scheduler constant           the rate's schedule (default linear; lines before it was added: constant)
     --option trajectories=256         more teacher trajectories (default 64)
     --option act_step_lr=1e-4         the activation steps' rate (default 5e-4)
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from personalize_sweep import parse_options
 
+from studio import registry
 from studio.bench import quantize
 from studio.errors import StudioError
 from studio.eval import load_evaluator
@@ -36,6 +38,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="distillation steps (EfficientDM's recipe: 400)")
     parser.add_argument("--batch-size", type=int, default=None, help="(trajectory, step) pairs per step (default 4)")
     parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--lr-scheduler", choices=("constant", "linear", "cosine"), default=None,
+                        help="the rate's schedule (the method's default: linear for EfficientDM and QAT)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a method option, converted to its type: trajectories=256, act_step_lr=1e-4")
     parser.add_argument("--prompts", type=int, default=128, help="scored prompts (default 128)")
@@ -57,6 +61,8 @@ def main() -> None:
         loop["train_batch_size"] = args.batch_size
     if args.learning_rate is not None:
         loop["learning_rate"] = args.learning_rate
+    if args.lr_scheduler is not None:
+        loop["lr_scheduler"] = args.lr_scheduler
     reference = quantize.Reference(args.prompts, args.seeds, load_evaluator(), prompt_seed=args.prompt_seed)
     with tempfile.TemporaryDirectory(prefix="studio-quantize-sweep-") as folder:
         from studio.trainers.base import TrainConfig, train
@@ -65,6 +71,7 @@ def main() -> None:
                                    method_options={"bits": args.bits, **options}, **loop))
         measured = quantize.measure(result.artifact, reference)
     print(json.dumps({"method": args.method, "bits": args.bits, "changed": {**loop, **options},
+                      "lr_scheduler": loop.get("lr_scheduler", registry.get(args.method).trainer.lr_scheduler),
                       **measured, "seconds": round(result.seconds, 1), "prompt_seed": args.prompt_seed,
                       "seeds": args.seeds}), flush=True)
 

@@ -310,13 +310,13 @@ def add_config_flag(parser: argparse.ArgumentParser, f, hint, help_prefix: str =
 COMMANDS = {"adapter": "train", "erase": "erase", "quantize": "quantize"}
 KIND_WORDS = {"adapter": "an adapter", "erase": "an erasure", "quantize": "a quantization"}
 DEFAULT_METHOD = {"adapter": "lora", "erase": "rece", "quantize": "efficientdm"}
-_NO_DATA_LOOP_OPTIONS = ("method", "output_dir", "seed", "max_train_steps", "learning_rate", "mixed_precision",
+_NO_DATA_LOOP_OPTIONS = ("method", "output_dir", "seed", "max_train_steps", "learning_rate", "lr_scheduler", "mixed_precision",
                          "gradient_accumulation_steps", "gradient_checkpointing", "checkpointing_steps", "resume",
                          "validation_prompt", "validation_steps")
 LOOP_OPTIONS = {"adapter": None, "erase": _NO_DATA_LOOP_OPTIONS,
                 "quantize": _NO_DATA_LOOP_OPTIONS + ("train_batch_size",)}  # the distillation's (trajectory, step) pairs
 # The options of a step-by-step loop, refused for a method computed in one go (RECE, PTQ).
-STEP_OPTIONS = ("max_train_steps", "learning_rate", "mixed_precision", "gradient_accumulation_steps",
+STEP_OPTIONS = ("max_train_steps", "learning_rate", "lr_scheduler", "mixed_precision", "gradient_accumulation_steps",
                 "gradient_checkpointing", "checkpointing_steps", "resume", "validation_prompt", "validation_steps",
                 "train_batch_size")
 REPEATED_OPTIONS = ("concept", "preserve")  # given once per value: --concept circle --concept red

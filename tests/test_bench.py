@@ -261,7 +261,7 @@ def test_quantize_bench_reports_every_metric(tmp_path, monkeypatch):
     import studio.bench.quantize as bench
 
     monkeypatch.setattr(bench, "RECIPES", {"efficientdm": {"max_train_steps": 2}})
-    monkeypatch.setattr(bench, "QAT_CHUNK", 2)
+    monkeypatch.setattr(bench, "QAT_FIRST_STEPS", 2)
     monkeypatch.setattr(bench, "QAT_CAP", 1.5)
     result = bench.quantize_bench(None, ["w8a8", "w4a8"], n_prompts=4, n_seeds=1, speed=False, work_dir=str(tmp_path))
     for method, settings in (("ptq", ["w8a8", "w4a8"]), ("efficientdm", ["w8a8", "w4a8"]), ("qat", ["w4a8"])):

@@ -63,16 +63,19 @@ def test_lora_dropout_acts_during_training(tmp_path):
     assert any(not torch.equal(plain[k], dropped[k]) for k in plain)
 
 
-def test_sigterm_stops_with_a_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("schedule", [None, "linear"])
+def test_sigterm_stops_with_a_checkpoint_and_resume_is_exact(schedule, tmp_path, monkeypatch):
     """A SIGTERM during step 3 (the app's Stop button) ends the run after that step with a checkpoint;
-    resuming from it gives the same weights as a run that never stopped."""
+    resuming from it gives the same weights as a run that never stopped (with a decaying rate too: the schedule
+    continues where it stopped)."""
     import signal
 
     from studio.trainers import base
 
     def run(folder, resume=None):
         return train(TrainConfig(method="lora", data=STAR, output_dir=str(folder), max_train_steps=6, train_batch_size=2,
-                                 learning_rate=1e-3, resume=resume, method_options={"rank": 2, "dropout": 0.1}))
+                                 learning_rate=1e-3, lr_scheduler=schedule, resume=resume,
+                                 method_options={"rank": 2, "dropout": 0.1}))
 
     straight = load_file(str(run(tmp_path / "a").artifact))
     calls, real_denoising_loss = [], base.denoising_loss
@@ -95,6 +98,31 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_is_exact(tmp_path, monkeypat
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    (None, [1e-3] * 4),  # LoRA's default: constant
+    ("linear", [1e-3, 7.5e-4, 5e-4, 2.5e-4]),
+    ("cosine", [1e-3, 8.535534e-4, 5e-4, 1.464466e-4]),
+])
+def test_lr_scheduler_sets_each_steps_rate(schedule, expected, tmp_path, monkeypatch):
+    used, real_step = [], torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    train(TrainConfig(method="lora", data=STAR, output_dir=str(tmp_path), max_train_steps=4, train_batch_size=2,
+                      learning_rate=1e-3, lr_scheduler=schedule, method_options={"rank": 2}))
+    assert used == pytest.approx(expected, rel=1e-6)
+
+
+def test_distillation_decays_its_rate_by_default():
+    from studio import registry
+
+    assert registry.get("efficientdm").trainer.lr_scheduler == registry.get("qat").trainer.lr_scheduler == "linear"
+    assert registry.get("lora").trainer.lr_scheduler == "constant"
 
 
 def test_cli_train_with_toml_and_flag_override(tmp_path, capsys):

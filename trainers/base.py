@@ -67,6 +67,7 @@ class TrainConfig:
     resolution: int | None = ranged(None, 8, 4096, multiple_of=8)  # default: the model's own training size
     train_batch_size: int = ranged(4, 1, 1024)
     learning_rate: float | None = ranged(None, 0, 1, low_open=True)  # default: the method's (`recommended_learning_rate`)
+    lr_scheduler: Literal["constant", "linear", "cosine"] | None = None  # default: the method's (`MethodTrainer.lr_scheduler`)
     max_train_steps: int = ranged(500, 1, 10_000_000)
     seed: int = ranged(0, 0, 2**32 - 1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -94,6 +95,7 @@ class TrainConfig:
 UNSET_MEANS = {
     "resolution": "the model's training size",
     "learning_rate": "the method's rate for this model",
+    "lr_scheduler": "the method's (constant; linear decay to 0 for EfficientDM and QAT)",
     "resume": "start fresh",
     "validation_prompt": "the first training caption",
     "validation_steps": "every quarter of a run of 100+ steps (0: none)",
@@ -116,6 +118,23 @@ def recommended_learning_rate(method: str, model: str) -> float:
     """
     registered = registry.get(method)
     return registered.toy_learning_rate if model == TOY_MODEL else registered.learning_rate
+
+
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """The share of the learning rate used at `step` (from 0) of `total`: 1 throughout (`constant`), falling in a
+    straight line (`linear`) or along a half cosine (`cosine`) from 1 at the first step towards 0 after the last.
+    A function of the step alone, so a resumed run continues the schedule exactly.
+
+    Example:
+        >>> [lr_factor("linear", s, 4) for s in range(4)], lr_factor("cosine", 2, 4), lr_factor("constant", 3, 4)
+        ([1.0, 0.75, 0.5, 0.25], 0.5, 1.0)
+    """
+    progress = step / max(1, total)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return round(0.5 * (1.0 + math.cos(math.pi * progress)), 12)
+    return 1.0
 
 
 def with_defaults(config: TrainConfig, first_caption: str) -> TrainConfig:
@@ -514,6 +533,7 @@ class MethodTrainer:
     keeps_image_sizes = False  # True: every image trains at its own size (ResAdapter), not fitted to --resolution
     needs_data = True  # False: it learns from the model itself (concept erasure): --data is refused, nothing is cached
     closed_form = False  # True: `prepare` computes the result at once (RECE): no optimizer, no step
+    lr_scheduler = "constant"  # the learning-rate schedule when --lr-scheduler is not given (`lr_factor`)
 
     def __init__(self, method: registry.Method) -> None:
         self.method = method
@@ -665,6 +685,7 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
             prior = load_dataset(config.prior_data, resolution, multiple=pipe.vae_scale_factor * 2)
             cached.append(cache_examples(pipe, prior, cache_dir, config.model))
     config = with_defaults(config, dataset.examples[0].caption if dataset else trainer.validation_prompt(method_config))
+    config = replace(config, lr_scheduler=config.lr_scheduler or trainer.lr_scheduler)
     data_summary = dataset.summary() if dataset else {}
     total_steps = 0 if trainer.closed_form else config.max_train_steps
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -676,6 +697,7 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
     if not trainer.closed_form:
         optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=trainer.weight_decay)
         *prepared, optimizer = accelerator.prepare(*models.values(), optimizer)
+        base_rates = [group["lr"] for group in optimizer.param_groups]  # before a resume loads the decayed ones
         models = dict(zip(models, prepared))
     text_encoders = [models[part] for part in models if part in te_names]
     loop = Loop(config, method_config, pipe, models, cached, noise_scheduler,
@@ -721,6 +743,8 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
             with accelerator.accumulate(*models.values()):
                 loss = trainer.loss(loop, rng, generator)
                 accelerator.backward(loss)
+                for group, rate in zip(optimizer.param_groups, base_rates):
+                    group["lr"] = rate * lr_factor(config.lr_scheduler, step, config.max_train_steps)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             trainer.after_step(loop, step + 1, optimizer)

@@ -175,6 +175,7 @@ class DistillationTrainer(PTQTrainer):
     teacher's x_t, for `--train-batch-size` (trajectory, step) pairs per step."""
 
     closed_form = False
+    lr_scheduler = "linear"  # the reference's: every rate falls linearly to 0 over the run
 
     def loss(self, loop: Loop, rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
         rows = rng.integers(0, len(self.pool.latents), size=loop.config.train_batch_size).tolist()
