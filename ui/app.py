@@ -135,11 +135,12 @@ class Field:
             return gr.Textbox(str(value), label=label) if self.default is None else gr.Number(value=value, label=label)
         if kind is bool:
             return gr.Checkbox(value=self.default, label=label)
-        if typing.get_origin(kind) is typing.Literal:
-            return gr.Dropdown(list(typing.get_args(kind)), value=self.default, label=label)
-        if kind in (int, float) and self.default is None:  # optional: empty means "not given"
-            from studio.trainers.base import UNSET_MEANS
+        from studio.trainers.base import UNSET_MEANS
 
+        if typing.get_origin(kind) is typing.Literal:  # an optional one left empty means "not given"
+            info = "empty: " + UNSET_MEANS.get(self.name, "none") if self.default is None else None
+            return gr.Dropdown(list(typing.get_args(kind)), value=self.default, label=label, info=info)
+        if kind in (int, float) and self.default is None:  # optional: empty means "not given"
             return gr.Textbox("", label=label, placeholder="default: " + UNSET_MEANS.get(self.name, "none"))
         if kind in (int, float):  # no rounding in the browser: 1.5 steps is refused, not made 2
             return gr.Number(value=self.default, label=label)
