@@ -3,10 +3,11 @@
 The recipe is chosen on other prompts and seeds than those scored: this scores 128 prompts drawn with seed 900
 (`--prompt-seed`) on sampling seeds 1000 and 1001 (`--seeds`), while `studio bench quantize` scores prompts drawn
 with seed 500 on sampling seeds 0 and 1. Prints one JSON line (the run's metrics plus what was changed); the lines
-measured so far are kept in benchmarks/results/quantize-sweep.jsonl.
+measured so far are kept in benchmarks/results/quantize-sweep.jsonl (lines without `lr_scheduler` ran at a
+constant rate, then the only one).
 
 Knobs (any field of the method's config works with --option, converted to its type):
-    --steps 1600                      more distillation steps (the recipe has 400)
+    --steps 3200                      more distillation steps (the recipe has 1600)
     --batch-size 16                   (trajectory, step) pairs per step (default 4)
     --learning-rate 1e-4              the LoRA's average rate (EfficientDM's toy default 3e-4)
     --lr-scheduler constant           the rate's schedule (default linear; lines before it was added: constant)
@@ -14,7 +15,7 @@ Knobs (any field of the method's config works with --option, converted to its ty
     --option act_step_lr=1e-4         the activation steps' rate (default 5e-4)
 
 Example:
-    $ python benchmarks/quantize_sweep.py efficientdm --bits w4a8 --steps 1600 \\
+    $ python benchmarks/quantize_sweep.py efficientdm --bits w4a4 --option act_step_lr=5e-3 \\
         >> benchmarks/results/quantize-sweep.jsonl
 """
 
@@ -35,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("method", choices=quantize.ROWS)
     parser.add_argument("--bits", default="w4a8", choices=quantize.COLUMNS)
-    parser.add_argument("--steps", type=int, default=None, help="distillation steps (EfficientDM's recipe: 400)")
+    parser.add_argument("--steps", type=int, default=None, help="distillation steps (EfficientDM's recipe: 1600)")
     parser.add_argument("--batch-size", type=int, default=None, help="(trajectory, step) pairs per step (default 4)")
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--lr-scheduler", choices=("constant", "linear", "cosine"), default=None,

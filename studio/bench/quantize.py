@@ -7,6 +7,7 @@ model, 20 steps at guidance 5, the same prompts and seeds as the full-precision 
 - `agreement`: share of samples whose evaluator attributes (every one it reads: shape, colour, texture, size,
   position, background, count) all equal those of the full-precision model's sample with the same prompt and seed
   (`agreement_ci`: its 95% bootstrap interval over the samples);
+- `differing`: per attribute, the share of samples where the evaluator reads it differently (where `agreement` is lost);
 - `psnr` (dB) against those samples; `fd`, Fréchet distance of the evaluator features to theirs;
 - `size_bytes`: the deployed UNet (the file's packed weights and steps, plus the parameters it leaves in full
   precision), beside `fp32_size_bytes`; `seconds` to quantize (trajectories and calibration included).
@@ -106,9 +107,14 @@ class Reference:
         self.features = features(self.images, evaluator)
 
     def compare(self, pipe) -> dict:
+        from studio.eval import ATTRIBUTES
+
         images = draw(pipe, self.prompts, self.seeds)
-        hits = agreeing(score(images, evaluator=self.evaluator).rows, self.rows)
+        rows = score(images, evaluator=self.evaluator).rows
+        hits = agreeing(rows, self.rows)
+        differing = {a: round(float(np.mean([r[a] != s[a] for r, s in zip(rows, self.rows)])), 4) for a in ATTRIBUTES}
         return {"agreement": round(float(np.mean(hits)), 4), "agreement_ci": agreement_ci(hits),
+                "differing": differing,
                 "psnr": psnr(images, self.images),
                 "fd": round(frechet_distance(features(images, self.evaluator), self.features), 3)}
 
