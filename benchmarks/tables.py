@@ -239,7 +239,7 @@ def quantize_table() -> str:
     if "qat_time_ratio" in data:
         reached = "reached" if data.get("qat_reached") else "did not reach (the cap is reported)"
         notes.append(f"qat_time_ratio {data['qat_time_ratio']:.2f}: QAT {reached} EfficientDM's W4A8 agreement; its "
-                     "curve: " + ", ".join(f"{c['steps']} steps {c['seconds']:.0f} s {c['agreement']:.3f}"
+                     "runs: " + ", ".join(f"{c['steps']} steps {c['seconds']:.0f} s {c['agreement']:.3f}"
                                          for c in data.get("qat_curve", [])) + ".")
     if "int8_speedup" in data:
         notes.append(f"int8 kernels (torchao, {data.get('threads', '?')} CPU threads) on an SD1.5-shaped UNet step: "
