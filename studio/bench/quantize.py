@@ -48,7 +48,7 @@ COLUMNS = ("w8a8", "w4a8", "w4a4")
 # EfficientDM, 1600 steps at the toy learning rate 3e-4, decaying linearly to 0 (its default, the reference's
 # schedule). Chosen with benchmarks/quantize_sweep.py on other prompts and seeds (benchmarks/results/quantize-sweep.jsonl;
 # W4A8 agreement there: 400 constant steps 0.871, 1600 constant 0.883, 1600 at batch 16 0.875, 1600 decaying 0.906;
-# 256 trajectories instead of 64 gave the same agreement at 1.5x the time). Earlier, at 400 constant steps: 1e-3 fell
+# W4A4: 400 constant 0.746, 1600 decaying 0.738, PTQ 0.680). Earlier, at 400 constant steps: 1e-3 fell
 # to 0.78 and 3e-3 diverged; activation steps at 1e-5 instead of the paper's 5e-4 gave a lower PSNR.
 RECIPES = {"efficientdm": {"max_train_steps": 1600}}
 QAT_FIRST_STEPS = 400  # QAT's first run; each next run has twice the steps
