@@ -32,7 +32,7 @@ def variants(artifact: Path, reference: quantize.Reference) -> dict:
         plugin.apply(pipe, artifact)
         attachment = plugin.attachments(pipe)[0]
         roles = layer_roles(pipe.unet)
-        if variant != "as made" and variant != "weights only":
+        if variant in ("activations only", "body activations only"):
             attachment._write(quantized=False)  # full-precision weights under the input quantizers
         for name, handle in zip(list(attachment.entries), list(attachment.handles)):
             if variant == "weights only" or (variant == "body activations only" and roles[name] == "edge"):

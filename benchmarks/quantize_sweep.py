@@ -28,6 +28,7 @@ from personalize_sweep import parse_options
 
 from studio import registry
 from studio.bench import quantize
+from studio.cli import check_counts
 from studio.errors import StudioError
 from studio.eval import load_evaluator
 
@@ -48,14 +49,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1000, 1001],
                         help="sampling seeds (default 1000 1001; the bench's are 0 1)")
     args = parser.parse_args()
-    for name in ("steps", "batch_size", "prompts"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     try:
+        check_counts(args, "--steps", "--batch-size", "--prompts")
         options = parse_options(args.method, args.option)
     except StudioError as err:
         parser.error(str(err))
-    loop = {**quantize.RECIPES.get(args.method, {})}
+    loop = {}  # what changes from the recipe
     if args.steps is not None:
         loop["max_train_steps"] = args.steps
     if args.batch_size is not None:
@@ -66,14 +65,12 @@ def main() -> None:
         loop["lr_scheduler"] = args.lr_scheduler
     reference = quantize.Reference(args.prompts, args.seeds, load_evaluator(), prompt_seed=args.prompt_seed)
     with tempfile.TemporaryDirectory(prefix="studio-quantize-sweep-") as folder:
-        from studio.trainers.base import TrainConfig, train
-
-        result = train(TrainConfig(method=args.method, output_dir=str(Path(folder) / "run"), validation_steps=0,
-                                   method_options={"bits": args.bits, **options}, **loop))
-        measured = quantize.measure(result.artifact, reference)
-    print(json.dumps({"method": args.method, "bits": args.bits, "changed": {**loop, **options},
+        artifact, seconds = quantize.run(args.method, args.bits, Path(folder), method_options=options, **loop)
+        measured = quantize.measure(artifact, reference)
+    print(json.dumps({"method": args.method, "bits": args.bits,
+                      "changed": {**quantize.RECIPES.get(args.method, {}), **loop, **options},
                       "lr_scheduler": loop.get("lr_scheduler", registry.get(args.method).trainer.lr_scheduler),
-                      **measured, "seconds": round(result.seconds, 1), "prompt_seed": args.prompt_seed,
+                      **measured, "seconds": round(seconds, 1), "prompt_seed": args.prompt_seed,
                       "seeds": args.seeds}), flush=True)
 
 

@@ -743,8 +743,9 @@ def train(config: TrainConfig, method_config=None) -> TrainResult:
             with accelerator.accumulate(*models.values()):
                 loss = trainer.loss(loop, rng, generator)
                 accelerator.backward(loss)
+                factor = lr_factor(config.lr_scheduler, step, config.max_train_steps)
                 for group, rate in zip(optimizer.param_groups, base_rates):
-                    group["lr"] = rate * lr_factor(config.lr_scheduler, step, config.max_train_steps)
+                    group["lr"] = rate * factor
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             trainer.after_step(loop, step + 1, optimizer)

@@ -119,14 +119,14 @@ class Reference:
                 "fd": round(frechet_distance(features(images, self.evaluator), self.features), 3)}
 
 
-def run(method: str, bits: str, folder: Path, **loop) -> tuple[Path, float]:
-    """Quantize the toy model with `method` at `bits`, its defaults and `loop` options, as `studio quantize` does;
-    the run's folder is under `folder`."""
+def run(method: str, bits: str, folder: Path, method_options: dict | None = None, **loop) -> tuple[Path, float]:
+    """Quantize the toy model with `method` at `bits` (and `method_options`), its `RECIPES` entry and `loop` options,
+    as `studio quantize` does; the run's folder is under `folder`."""
     from studio.trainers.base import TrainConfig, train
 
     options = {**RECIPES.get(method, {}), **loop}
     result = train(TrainConfig(method=method, output_dir=str(folder / f"{method}-{bits}"), validation_steps=0,
-                               method_options={"bits": bits}, **options))
+                               method_options={"bits": bits, **(method_options or {})}, **options))
     return result.artifact, result.seconds
 
 
