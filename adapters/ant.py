@@ -5,6 +5,12 @@ concept keeps the classifier-free-guidance direction in the early, high-noise st
 on the natural-image manifold) and reverses it in the mid-to-late steps (the concept's content goes); no anchor
 concept is needed. The objective and the saliency map are `trainers/ant.py`.
 
+Several concepts at once take the paper's multi-concept path instead (no saliency mask): a LoRA per concept
+(`--lora-rank`) on the cross-attention key/value projections, each trained with the same objective on its own
+concept's prompts, then fused by a closed-form refinement of those projections (as in MACE, `refine`): the
+projections that send each concept's prompt tokens where its LoRA (scaled by `--fuse-scale`) sends them, while the
+kept prompts' tokens stay where the original sends them.
+
 The artifact is the sparse weight change: per touched layer the flat indices of the entries the mask let train
 (`ant_indices`, int32) and their change (`ant_values`); applying it is a scatter-add (`studio.targets.add_sparse`),
 so it composes, scales, fuses and comes off like any weight artifact.
@@ -46,6 +52,14 @@ class ANTConfig(EraseOptions):
     saliency: float = ranged(0.5, 0, 1, low_open=True)  # per tensor, the share of most salient entries kept (1: no mask)
     saliency_prompts: int = ranged(4, 1, 100)  # prompt augmentations the saliency map is computed from
     saliency_seeds: int = ranged(2, 1, 100)  # seeds per augmentation; the maps of all are intersected
+    # Several concepts (the multi-concept path; the saliency options above are for one concept):
+    lora_rank: int = ranged(64, 1, 4096)  # rank of each concept's LoRA (the reference's 64)
+    # The refinement's weights, chosen on the toy model (benchmarks/ant_multi_tradeoff.py; the reference fuses at 4.3,
+    # with its own preservation caches): each LoRA's scale, how strongly the projections stay at the original, and
+    # the weight of the kept prompts' tokens.
+    fuse_scale: float = ranged(3.0, 0, low_open=True)
+    lamb: float = ranged(0.1, 0, low_open=True)
+    preserve_scale: float = ranged(30.0, 0)
 
 
 CONFIG = ANTConfig
@@ -89,3 +103,34 @@ def sparse_change(original: torch.Tensor, trained: torch.Tensor) -> dict[str, to
     if indices.numel() and int(indices.max()) >= 2**31:
         raise StudioError(f"ANT indexes weights with int32; a weight of {change.numel()} entries is too large")
     return {INDICES: indices.to(torch.int32), VALUES: change[indices].clone()}
+
+
+def refine(original: torch.Tensor, deltas: list[torch.Tensor], concept_grams: list[torch.Tensor],
+           inverse: torch.Tensor, fuse_scale: float) -> torch.Tensor:
+    """The closed-form refinement of one projection W⁰ (out x in) from the concepts' LoRA changes ΔW_k: the least
+    squares W = argmin Σ_k ‖W C_k − (W⁰ + f ΔW_k) C_k‖² + s_p ‖W K − W⁰ K‖² + λ ‖W − W⁰‖², whose solution is
+    W = W⁰ + f (Σ_k ΔW_k G_k) M⁻¹ with G_k = C_k C_kᵀ (concept k's prompt tokens) and M = λI + Σ_k G_k + s_p K Kᵀ
+    (`refinement_inverse`; the same for every projection). Float64, like RECE's closed form.
+
+    Example:
+        >>> gram = torch.eye(2).double()  # the concept's tokens span the input space
+        >>> inverse = refinement_inverse([gram], torch.zeros(0, 2), lamb=1e-9, preserve_scale=0.0)
+        >>> refine(torch.zeros(1, 2), [torch.ones(1, 2)], [gram], inverse, fuse_scale=2.0).round().tolist()
+        [[2.0, 2.0]]
+    """
+    towards = sum(delta.double().cpu() @ gram for delta, gram in zip(deltas, concept_grams))
+    return (original.double().cpu() + fuse_scale * towards @ inverse).to(original)
+
+
+def refinement_inverse(concept_grams: list[torch.Tensor], kept: torch.Tensor, lamb: float,
+                       preserve_scale: float) -> torch.Tensor:
+    """M⁻¹ of `refine`, M = λI + Σ_k G_k + s_p K Kᵀ, from the concepts' Gram matrices and the kept tokens (rows x in).
+
+    Example:
+        >>> refinement_inverse([torch.eye(2).double()], torch.zeros(0, 2), lamb=1.0, preserve_scale=0.0).diagonal().tolist()
+        [0.5, 0.5]
+    """
+    kept = kept.double().cpu()
+    dim = kept.shape[1]
+    matrix = lamb * torch.eye(dim, dtype=torch.float64) + sum(concept_grams) + preserve_scale * kept.T @ kept
+    return torch.linalg.inv(matrix)

@@ -99,8 +99,9 @@ def inject(model: nn.Module, config: LoRAConfig) -> list[str]:
     return names
 
 
-def check_rank(model: nn.Module, names: list[str], rank: int) -> None:
-    """Refuse a rank above a targeted layer's smaller weight dimension (B A could not reach it; it only costs).
+def check_rank(model: nn.Module, names: list[str], rank: int, flag: str = "--rank", retarget: bool = True) -> None:
+    """Refuse a rank above a targeted layer's smaller weight dimension (B A could not reach it; it only costs);
+    `flag` is the option the message names, `retarget` whether it may suggest other target layers.
 
     Example:
         >>> check_rank(nn.Sequential(nn.Linear(8, 4)), ["0"], 16)
@@ -110,9 +111,9 @@ def check_rank(model: nn.Module, names: list[str], rank: int) -> None:
     for name in names:
         weight = flat_weight(model.get_submodule(name))
         if rank > min(weight.shape):
-            raise StudioError(f"--rank {rank} is more than layer {name} can use (its weight is {weight.shape[0]} x "
-                              f"{weight.shape[1]}: at most {min(weight.shape)}); use --rank {min(weight.shape)} or less, "
-                              "or target other layers")
+            raise StudioError(f"{flag} {rank} is more than layer {name} can use (its weight is {weight.shape[0]} x "
+                              f"{weight.shape[1]}: at most {min(weight.shape)}); use {flag} {min(weight.shape)} or less"
+                              + (", or target other layers" if retarget else ""))
 
 
 def text_encoder_config(config: LoRAConfig) -> LoRAConfig:

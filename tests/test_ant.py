@@ -1,4 +1,5 @@
-"""ANT: the saliency mask, the sparse artifact through the plugin, a short run that trains only salient weights."""
+"""ANT: the saliency mask, the sparse artifact through the plugin, a short run that trains only salient weights; the
+multi-concept path (a LoRA per concept, fused in closed form into the cross-attention keys and values)."""
 
 from __future__ import annotations
 
@@ -79,3 +80,52 @@ def test_on_the_tiny_sdxl_fixture_it_trains_and_changes_only_its_layers(tiny_sdx
     changed = {k.rsplit(".", 1)[0] for k, v in pipe.unet.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and changed <= targeted
     assert all(k.endswith(".weight") for k, v in pipe.unet.state_dict().items() if not torch.equal(v, before[k]))
+
+
+def test_the_refinement_is_the_least_squares_solution():
+    """`refine`'s closed form makes the gradient of its objective zero: Σ_k ‖W C_k − (W⁰ + f ΔW_k) C_k‖²
+    + s_p ‖W K − W⁰ K‖² + λ ‖W − W⁰‖²."""
+    generator = torch.Generator().manual_seed(0)
+    original = torch.randn(3, 5, generator=generator, dtype=torch.float64)
+    tokens = [torch.randn(7, 5, generator=generator, dtype=torch.float64) for _ in range(2)]
+    deltas = [torch.randn(3, 5, generator=generator, dtype=torch.float64) for _ in range(2)]
+    kept = torch.randn(9, 5, generator=generator, dtype=torch.float64)
+    lamb, preserve_scale, fuse_scale = 0.3, 0.2, 4.3
+    grams = [c.T @ c for c in tokens]
+    inverse = ant.refinement_inverse(grams, kept, lamb, preserve_scale)
+    weight = ant.refine(original, deltas, grams, inverse, fuse_scale).requires_grad_(True)
+    objective = (sum(((weight - original - fuse_scale * d) @ c.T).square().sum() for d, c in zip(deltas, tokens))
+                 + preserve_scale * ((weight - original) @ kept.T).square().sum()
+                 + lamb * (weight - original).square().sum())
+    objective.backward()
+    assert weight.grad.abs().max() < 1e-9
+    assert not torch.allclose(weight, original)
+
+
+def test_several_concepts_change_only_the_cross_attention_keys_and_values(tmp_path):
+    """The multi-concept path: its file holds every entry of each attn2.to_k/to_v and nothing else; it applies and
+    comes off exactly."""
+    from studio.adapters.rece import projections
+
+    result = train(TrainConfig(method="ant", output_dir=str(tmp_path), max_train_steps=2, validation_steps=0,
+                               method_options={"concept": ["circle", "red"], "lora_rank": 4, "denoising_steps": 4,
+                                               "preserve_steps": 1}))
+    tensors = load_file(str(result.artifact))
+    pipe = load("toy")
+    layers = projections(pipe.unet)
+    assert {k.rsplit(".", 1)[0] for k in tensors} == {f"unet.{name}" for name in layers}
+    for name, layer in layers.items():
+        assert tensors[f"unet.{name}.{ant.VALUES}"].numel() == layer.weight.numel()
+    text = torch.randn(1, 77, 128)
+    with torch.no_grad():
+        before = {name: layer(text) for name, layer in layers.items()}
+        applied = plugin.apply(pipe, result.artifact)
+        assert any(not torch.equal(layer(text), before[name]) for name, layer in layers.items())
+        plugin.remove(pipe, applied)
+        assert all(torch.equal(layer(text), before[name]) for name, layer in layers.items())
+
+
+def test_a_concept_lora_rank_above_the_projections_is_refused(tmp_path):
+    with pytest.raises(StudioError, match="--lora-rank 4096 is more than layer"):
+        train(TrainConfig(method="ant", output_dir=str(tmp_path), max_train_steps=1,
+                          method_options={"concept": ["circle", "red"], "lora_rank": 4096}))

@@ -17,6 +17,13 @@ weights for `saliency_prompts` prompts x `saliency_seeds` seeds, per tensor the 
 each, intersected (the reference keeps the least salient half, and evaluates z after k steps at the timestep of
 step k counted from the end; both fixed here).
 
+Several concepts take the multi-concept path (the reference's `Multiple/`): `attach` adds a LoRA per concept
+(`--lora-rank`, PEFT adapters `concept-0`, `concept-1`, ...) on the cross-attention key/value projections, the
+only layers the refinement carries; each step draws a concept, switches its LoRA on and takes the objective on one
+of that concept's own prompts (so each LoRA trains on about `--max-train-steps` / the number of concepts steps); the
+artifact is the closed-form refinement of those projections (`studio.adapters.ant.refine`) from every concept's
+prompts and LoRA and the kept prompts, written as the same sparse change (every entry of each projection).
+
 Example:
     >>> from studio import registry
     >>> registry.get("ant").trainer.needs_data
@@ -26,6 +33,8 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
+import warnings
 
 import numpy as np
 import torch
@@ -49,21 +58,58 @@ class ANTTrainer(MethodTrainer):
         if method_config.preserve_steps >= method_config.denoising_steps:
             raise StudioError(f"--preserve-steps {method_config.preserve_steps} leaves no step to erase in: it must be "
                               f"less than --denoising-steps ({method_config.denoising_steps})")
-        layers = self.adapter.target_layers(pipe.unet)
+        self.concepts = list(method_config.concept)
         pipe.unet.requires_grad_(False)
+        if len(self.concepts) > 1:
+            return self._attach_concept_loras(pipe, method_config)
+        layers = self.adapter.target_layers(pipe.unet)
         for layer in layers.values():
             layer.weight.requires_grad_(True)
         self.original = copy.deepcopy(pipe.unet).eval()  # ε*, frozen
         self.original_weights = {name: layer.weight.detach().clone() for name, layer in layers.items()}
         return {"unet": sorted(layers)}
 
+    def _attach_concept_loras(self, pipe, method_config) -> dict[str, list[str]]:
+        """The multi-concept path: a LoRA per concept on the cross-attention key/value projections, all trainable
+        (each step switches one on; the others get no gradient, so Adam leaves them)."""
+        from peft import LoraConfig
+
+        from studio.adapters.lora import check_rank
+        from studio.adapters.rece import projections
+
+        layers = projections(pipe.unet)
+        check_rank(pipe.unet, sorted(layers), method_config.lora_rank, "--lora-rank", retarget=False)
+        self.original = copy.deepcopy(pipe.unet).eval()  # ε*, frozen
+        self.original_weights = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+        lora = LoraConfig(r=method_config.lora_rank, lora_alpha=method_config.lora_rank, target_modules=sorted(layers))
+        with warnings.catch_warnings():  # PEFT warns that a model gets several adapters: here that is the point
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            for k in range(len(self.concepts)):
+                pipe.unet.add_adapter(lora, adapter_name=self._lora_name(k))
+        for name, parameter in pipe.unet.named_parameters():
+            if ".lora_" in name:
+                parameter.requires_grad_(True)
+        return {"unet": sorted(layers)}
+
+    @staticmethod
+    def _lora_name(k: int) -> str:
+        return f"concept-{k}"
+
     def prepare(self, loop: Loop) -> None:
         pipe, config, device = loop.pipe, loop.method_config, loop.accelerator.device
-        pairs, _ = erase_prompts(config, toy=loop.config.model == TOY_MODEL)
-        self.prompts = Conditioning.encode(pipe, [prompt for prompt, _ in pairs], device)
+        toy = loop.config.model == TOY_MODEL
+        if len(self.concepts) > 1:  # each concept's own prompts, one after the other
+            self.concept_prompts = [[prompt for prompt, _ in erase_prompts(dataclasses.replace(config, concept=[c]), toy)[0]]
+                                    for c in self.concepts]
+            texts = [prompt for prompts in self.concept_prompts for prompt in prompts]
+            bounds = np.cumsum([0] + [len(prompts) for prompts in self.concept_prompts])
+            self.concept_rows = [range(bounds[k], bounds[k + 1]) for k in range(len(self.concepts))]
+        else:
+            texts = [prompt for prompt, _ in erase_prompts(config, toy)[0]]
+        self.prompts = Conditioning.encode(pipe, texts, device)
         self.empty = Conditioning.encode(pipe, [""], device)
         self.scheduler, self.latent_shape = ddim_schedule(pipe, config.denoising_steps, device)
-        self.masks = self._saliency(loop) if config.saliency < 1 else {}
+        self.masks = self._saliency(loop) if config.saliency < 1 and len(self.concepts) == 1 else {}
         unet = loop.unwrap("unet")
         for name, mask in self.masks.items():  # masked entries get no gradient, so Adam never moves them
             unet.get_submodule(name).weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.dtype))
@@ -115,14 +161,43 @@ class ANTTrainer(MethodTrainer):
         return per_step[-1] + (config.early_weight * per_step[0] if early is not None else 0.0)
 
     def loss(self, loop: Loop, rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
-        return self._objective(loop, int(rng.integers(len(self.prompts))), rng, generator)
+        if len(self.concepts) == 1:
+            return self._objective(loop, int(rng.integers(len(self.prompts))), rng, generator)
+        k = int(rng.integers(len(self.concepts)))
+        loop.unwrap("unet").set_adapter(self._lora_name(k))
+        rows = self.concept_rows[k]
+        return self._objective(loop, rows[int(rng.integers(len(rows)))], rng, generator)
 
     def artifact(self, loop: Loop) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         unet = loop.unwrap("unet")
+        weights = self._refined(loop) if len(self.concepts) > 1 else {
+            name: unet.get_submodule(name).weight for name in self.original_weights}
         tensors = {}
         for name, original in self.original_weights.items():
-            change = self.adapter.sparse_change(original, unet.get_submodule(name).weight)
+            change = self.adapter.sparse_change(original, weights[name])
             if change[self.adapter.INDICES].numel():
                 for param, value in change.items():
                     tensors[f"{self.adapter.KEY_PREFIX}{name}.{param}"] = value
         return tensors, {}
+
+    @torch.no_grad()
+    def _refined(self, loop: Loop) -> dict[str, torch.Tensor]:
+        """The multi-concept path's projections: every concept's LoRA fused by the closed-form refinement, from the
+        concept's prompts (every token) and the kept prompts, encoded as RECE encodes them."""
+        from studio.adapters.rece import encode
+
+        config, unet = loop.method_config, loop.unwrap("unet")
+        toy = loop.config.model == TOY_MODEL
+        cross_dim = next(iter(self.original_weights.values())).shape[1]
+        grams = []
+        for prompts in self.concept_prompts:
+            tokens = encode(loop.pipe, prompts).reshape(-1, cross_dim).double()
+            grams.append(tokens.T @ tokens)
+        kept = encode(loop.pipe, erase_prompts(config, toy)[1]).reshape(-1, cross_dim)
+        inverse = self.adapter.refinement_inverse(grams, kept, config.lamb, config.preserve_scale)
+        refined = {}
+        for name, original in self.original_weights.items():
+            layer = unet.get_submodule(name)
+            deltas = [layer.get_delta_weight(self._lora_name(k)) for k in range(len(self.concepts))]
+            refined[name] = self.adapter.refine(original, deltas, grams, inverse, config.fuse_scale)
+        return refined

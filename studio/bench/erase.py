@@ -285,9 +285,9 @@ def spm_without_transport(spm_artifact: Path, column: str, n_prompts: int, n_oth
     return {key: measured[key] for key in ("erase_rate", "synonym_rate", "synonym_prompts", "preservation", "fd_other")}
 
 
-def quick_check(artifact: Path, concepts: list[str], n_prompts: int = 32, n_other: int = 32) -> dict:
+def quick_check(artifact: Path, concepts: list[str], n_prompts: int = 32, n_other: int = 32, scale: float = 1.0) -> dict:
     """A small version of the bench for tests: per concept the share of samples showing it without and with the
-    erasure at `artifact`, and the preservation on `n_other` captions naming none (one seed each).
+    erasure at `artifact` (applied at `scale`), and the preservation on `n_other` captions naming none (one seed each).
 
     Example:
         >>> quick_check(Path("outputs/no-circle/rece.safetensors"), ["circle"])  # doctest: +SKIP
@@ -304,7 +304,7 @@ def quick_check(artifact: Path, concepts: list[str], n_prompts: int = 32, n_othe
         return rates, float(np.mean([[row[f"{a}_ok"] for a in ACCURACY_ATTRIBUTES] for row in table.rows]))
 
     before, accuracy = measure()
-    plugin.apply(pipe, artifact)
+    plugin.apply(pipe, artifact, scale=scale)
     after, accuracy_after = measure()
     return {"before": before, "after": after, "preservation": round(accuracy_after - accuracy, 4)}
 
