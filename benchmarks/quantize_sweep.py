@@ -12,7 +12,7 @@ Knobs (any field of the method's config works with --option, converted to its ty
     --learning-rate 1e-4              the LoRA's average rate (EfficientDM's toy default 3e-4)
     --lr-scheduler constant           the rate's schedule (default linear; lines before it was added: constant)
     --option trajectories=256         more teacher trajectories (default 64)
-    --option act_step_lr=1e-4         the activation steps' rate (default 5e-4)
+    --option act_step_lr=1e-4         the activation steps' rate (the method's default 5e-4; the bench's recipe 2e-3)
 
 Example:
     $ python benchmarks/quantize_sweep.py efficientdm --bits w4a4 --option act_step_lr=5e-3 \\
@@ -68,10 +68,24 @@ def main() -> None:
         artifact, seconds = quantize.run(args.method, args.bits, Path(folder), method_options=options, **loop)
         measured = quantize.measure(artifact, reference)
     print(json.dumps({"method": args.method, "bits": args.bits,
-                      "changed": {**quantize.RECIPES.get(args.method, {}), **loop, **options},
+                      "changed": recipe_with(args.method, {**loop, **options}),
                       "lr_scheduler": loop.get("lr_scheduler", registry.get(args.method).trainer.lr_scheduler),
                       **measured, "seconds": round(seconds, 1), "prompt_seed": args.prompt_seed,
-                      "seeds": args.seeds}), flush=True)
+                      "seeds": args.seeds, "device": device_name()}), flush=True)
+
+
+def recipe_with(method: str, changes: dict) -> dict:
+    """The run's recipe, flat: the bench's `RECIPES` entry (its loop and method options) with `changes` over it."""
+    recipe = dict(quantize.RECIPES.get(method, {}))
+    return {**recipe.pop("method_options", {}), **recipe, **changes}
+
+
+def device_name() -> str:
+    """Where the run trained and sampled (`studio.pipeline.pick_device`'s choice): lines from a GPU are comparable
+    with each other, not with the CPU's, since each device draws its own noise from a seed."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":

@@ -256,6 +256,23 @@ def test_erase_bench_composes_spm_single_concepts_for_all_three(monkeypatch, tmp
     assert result["spm_without_transport"] == {"circle": {"synonym_rate": 0.0}}  # single concepts only
 
 
+def test_quantize_bench_times_qat_only_with_its_row(tmp_path, monkeypatch):
+    """QAT's timing runs with the `qat` row (against EfficientDM's W4A8 run, which it needs); EfficientDM alone
+    leaves it out (`--output` keeps the file's)."""
+    import studio.bench.quantize as bench
+    from studio.errors import StudioError
+
+    with pytest.raises(StudioError, match="the qat row is QAT timed to EfficientDM's W4A8 agreement"):
+        bench.quantize_bench(["qat"], ["w4a8"], speed=False)
+    monkeypatch.setattr(bench, "load_evaluator", lambda: None)
+    monkeypatch.setattr(bench, "Reference", lambda *args, **kwargs: None)
+    monkeypatch.setattr(bench, "run", lambda method, bits, folder: (tmp_path / f"{method}-{bits}", 1.0))
+    monkeypatch.setattr(bench, "measure", lambda artifact, reference: {"agreement": 0.9})
+    monkeypatch.setattr(bench, "qat_time_to", lambda *args: pytest.fail("QAT timed without its row"))
+    result = bench.quantize_bench(["efficientdm"], ["w4a8"], speed=False, work_dir=str(tmp_path))
+    assert result["efficientdm"] == {"w4a8": {"agreement": 0.9, "seconds": 1.0}} and "qat_time_ratio" not in result
+
+
 @pytest.mark.slow  # trains five tiny quantizations (about 3 minutes); `pytest -m slow`
 def test_quantize_bench_reports_every_metric(tmp_path, monkeypatch):
     import studio.bench.quantize as bench
