@@ -54,7 +54,7 @@ class ANTConfig(EraseOptions):
     saliency_seeds: int = ranged(2, 1, 100)  # seeds per augmentation; the maps of all are intersected
     # Several concepts (the multi-concept path; the saliency options above are for one concept):
     lora_rank: int = ranged(64, 1, 4096)  # rank of each concept's LoRA (the reference's 64)
-    # The refinement's weights, chosen on the toy model (benchmarks/ant_multi_tradeoff.py; the reference fuses at 4.3,
+    # The refinement's weights, chosen on the toy model (benchmarks/ant_tradeoff.py --multi; the reference fuses at 4.3,
     # with its own preservation caches): each LoRA's scale, how strongly the projections stay at the original, and
     # the weight of the kept prompts' tokens.
     fuse_scale: float = ranged(3.0, 0, low_open=True)

@@ -1,4 +1,5 @@
-"""ANT on the toy model: where erasing "circle" starts, and what it costs the other prompts.
+"""ANT on the toy model: where erasing "circle" starts, and what it costs the other prompts (`--multi`: the
+multi-concept path's refinement weights).
 
 `studio bench erase` runs ANT with one recipe (the paper's 250 iterations and t' = 43 of 50, at the toy learning rate)
 and finds it erases little of "circle" while losing a quarter of the other prompts' attributes. This sweeps the
@@ -9,6 +10,16 @@ none of it, one seed). One JSON object: per run its options, the share of circle
 before and after, and the preservation (attribute accuracy on the other prompts, minus the unedited model's).
 
     python benchmarks/ant_tradeoff.py --output benchmarks/results/ant-tradeoff.json   # about 20 minutes on 2 cores
+
+With `--multi`, the multi-concept path instead: circle, red and striped erased at once (a LoRA per concept, fused
+into the cross-attention keys and values in closed form, `studio.adapters.ant.refine`: the projections send each
+concept's prompt tokens where its LoRA, scaled by `--fuse-scale`, sends them, and the kept prompts' tokens, weighted
+by `--preserve-scale`, where the original does). It trains once per preserve scale and checks the file at several
+fuse scales: the refined change is linear in the fuse scale, so the file refined at the reference's 4.3 applied at
+plugin scale s is exactly the file refined at 4.3 s. Per run the options, each concept's share still drawn, and the
+preservation.
+
+    python benchmarks/ant_tradeoff.py --multi --output benchmarks/results/ant-multi-tradeoff.json   # about 30 minutes
 """
 
 from __future__ import annotations
@@ -49,14 +60,43 @@ def sweep(folder: Path) -> list[dict]:
     return results
 
 
+CONCEPTS = ["circle", "red", "striped"]  # --multi
+TRAINED_FUSE_SCALE = 4.3  # the reference's; the other fuse scales are this file at a plugin scale
+PRESERVE_SCALES = [0.1, 1.0, 10.0, 30.0]
+FUSE_SCALES = [4.3, 3.0, 2.15, 1.0]
+
+
+def sweep_multi(folder: Path) -> list[dict]:
+    """Erase `CONCEPTS` at once, trained once per preserve scale and checked at every fuse scale; one dict per
+    (preserve scale, fuse scale)."""
+    results = []
+    for preserve_scale in PRESERVE_SCALES:
+        trained = train(TrainConfig(method="ant", output_dir=str(folder / f"preserve-{preserve_scale}"), validation_steps=0,
+                                    method_options={"concept": CONCEPTS, "preserve_scale": preserve_scale,
+                                                    "fuse_scale": TRAINED_FUSE_SCALE}, **RECIPES["ant"]))
+        for fuse_scale in FUSE_SCALES:
+            checked = quick_check(trained.artifact, CONCEPTS, scale=fuse_scale / TRAINED_FUSE_SCALE)
+            results.append({"preserve_scale": preserve_scale, "fuse_scale": fuse_scale, "still_drawn": checked["after"],
+                            "before": checked["before"], "preservation": checked["preservation"]})
+            print(json.dumps(results[-1]), flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--multi", action="store_true", help="the multi-concept path's refinement weights instead")
     parser.add_argument("--output", help="also write the JSON here")
     parser.set_defaults(json=True)  # for print_result: the JSON, on one line
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        result = {"concept": "circle", "max_train_steps": RECIPES["ant"]["max_train_steps"],
-                  "check": "quick_check: 32 prompts naming circle, 32 naming none of it, seed 0", "runs": sweep(Path(folder))}
+        if args.multi:
+            result = {"concepts": CONCEPTS, "max_train_steps": RECIPES["ant"]["max_train_steps"],
+                      "check": "quick_check: 32 prompts naming each concept, 32 naming none of them, seed 0",
+                      "runs": sweep_multi(Path(folder))}
+        else:
+            result = {"concept": "circle", "max_train_steps": RECIPES["ant"]["max_train_steps"],
+                      "check": "quick_check: 32 prompts naming circle, 32 naming none of it, seed 0",
+                      "runs": sweep(Path(folder))}
     print_result(result, args)
 
 
