@@ -5,7 +5,7 @@ concept keeps the classifier-free-guidance direction in the early, high-noise st
 on the natural-image manifold) and reverses it in the mid-to-late steps (the concept's content goes); no anchor
 concept is needed. The objective and the saliency map are `trainers/ant.py`.
 
-Several concepts at once take the paper's multi-concept path instead (no saliency mask): a LoRA per concept
+Several concepts at once (one too, with `--refine`) take the paper's multi-concept path instead (no saliency mask): a LoRA per concept
 (`--lora-rank`) on the cross-attention key/value projections, each trained with the same objective on its own
 concept's prompts, then fused by a closed-form refinement of those projections (as in MACE, `refine`): the
 projections that send each concept's prompt tokens where its LoRA (scaled by `--fuse-scale`) sends them, while the
@@ -52,7 +52,9 @@ class ANTConfig(EraseOptions):
     saliency: float = ranged(0.5, 0, 1, low_open=True)  # per tensor, the share of most salient entries kept (1: no mask)
     saliency_prompts: int = ranged(4, 1, 100)  # prompt augmentations the saliency map is computed from
     saliency_seeds: int = ranged(2, 1, 100)  # seeds per augmentation; the maps of all are intersected
-    # Several concepts (the multi-concept path; the saliency options above are for one concept):
+    # Several concepts (the multi-concept path; the saliency options above are for one concept, taken by the
+    # multi-concept path too with `refine`):
+    refine: bool = False
     lora_rank: int = ranged(64, 1, 4096)  # rank of each concept's LoRA (the reference's 64)
     # The refinement's weights, chosen on the toy model (benchmarks/ant_tradeoff.py --multi; the reference fuses at 4.3,
     # with its own preservation caches): each LoRA's scale, how strongly the projections stay at the original, and

@@ -51,7 +51,7 @@ def sweep(folder: Path) -> list[dict]:
         started = time.time()
         trained = train(TrainConfig(method="ant", output_dir=str(folder / f"run-{i}"), validation_steps=0,
                                     learning_rate=learning_rate, method_options={"concept": ["circle"], **options},
-                                    **RECIPES["ant"]))
+                                    max_train_steps=RECIPES["ant"]["max_train_steps"]))
         checked = quick_check(trained.artifact, ["circle"])
         results.append({"learning_rate": learning_rate or "toy", **options, "circle_before": checked["before"]["circle"],
                         "circle_after": checked["after"]["circle"], "preservation": checked["preservation"],
@@ -73,7 +73,7 @@ def sweep_multi(folder: Path) -> list[dict]:
     for preserve_scale in PRESERVE_SCALES:
         trained = train(TrainConfig(method="ant", output_dir=str(folder / f"preserve-{preserve_scale}"), validation_steps=0,
                                     method_options={"concept": CONCEPTS, "preserve_scale": preserve_scale,
-                                                    "fuse_scale": TRAINED_FUSE_SCALE}, **RECIPES["ant"]))
+                                                    "fuse_scale": TRAINED_FUSE_SCALE}, max_train_steps=RECIPES["ant"]["max_train_steps"]))
         for fuse_scale in FUSE_SCALES:
             checked = quick_check(trained.artifact, CONCEPTS, scale=fuse_scale / TRAINED_FUSE_SCALE)
             results.append({"preserve_scale": preserve_scale, "fuse_scale": fuse_scale, "still_drawn": checked["after"],

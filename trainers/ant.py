@@ -17,7 +17,7 @@ weights for `saliency_prompts` prompts x `saliency_seeds` seeds, per tensor the 
 each, intersected (the reference keeps the least salient half, and evaluates z after k steps at the timestep of
 step k counted from the end; both fixed here).
 
-Several concepts take the multi-concept path (the reference's `Multiple/`): `attach` adds a LoRA per concept
+Several concepts take the multi-concept path (the reference's `Multiple/`; one concept too with `--refine`): `attach` adds a LoRA per concept
 (`--lora-rank`, PEFT adapters `concept-0`, `concept-1`, ...) on the cross-attention key/value projections, the
 only layers the refinement carries; each step draws a concept, switches its LoRA on and takes the objective on one
 of that concept's own prompts (so each LoRA trains on about `--max-train-steps` / the number of concepts steps); the
@@ -59,8 +59,9 @@ class ANTTrainer(MethodTrainer):
             raise StudioError(f"--preserve-steps {method_config.preserve_steps} leaves no step to erase in: it must be "
                               f"less than --denoising-steps ({method_config.denoising_steps})")
         self.concepts = list(method_config.concept)
+        self.refining = len(self.concepts) > 1 or method_config.refine  # the multi-concept path
         pipe.unet.requires_grad_(False)
-        if len(self.concepts) > 1:
+        if self.refining:
             return self._attach_concept_loras(pipe, method_config)
         layers = self.adapter.target_layers(pipe.unet)
         for layer in layers.values():
@@ -98,7 +99,7 @@ class ANTTrainer(MethodTrainer):
     def prepare(self, loop: Loop) -> None:
         pipe, config, device = loop.pipe, loop.method_config, loop.accelerator.device
         toy = loop.config.model == TOY_MODEL
-        if len(self.concepts) > 1:  # each concept's own prompts, one after the other
+        if self.refining:  # each concept's own prompts, one after the other
             self.concept_prompts = [[prompt for prompt, _ in erase_prompts(dataclasses.replace(config, concept=[c]), toy)[0]]
                                     for c in self.concepts]
             texts = [prompt for prompts in self.concept_prompts for prompt in prompts]
@@ -109,7 +110,7 @@ class ANTTrainer(MethodTrainer):
         self.prompts = Conditioning.encode(pipe, texts, device)
         self.empty = Conditioning.encode(pipe, [""], device)
         self.scheduler, self.latent_shape = ddim_schedule(pipe, config.denoising_steps, device)
-        self.masks = self._saliency(loop) if config.saliency < 1 and len(self.concepts) == 1 else {}
+        self.masks = self._saliency(loop) if config.saliency < 1 and not self.refining else {}
         unet = loop.unwrap("unet")
         for name, mask in self.masks.items():  # masked entries get no gradient, so Adam never moves them
             unet.get_submodule(name).weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.dtype))
@@ -161,7 +162,7 @@ class ANTTrainer(MethodTrainer):
         return per_step[-1] + (config.early_weight * per_step[0] if early is not None else 0.0)
 
     def loss(self, loop: Loop, rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
-        if len(self.concepts) == 1:
+        if not self.refining:
             return self._objective(loop, int(rng.integers(len(self.prompts))), rng, generator)
         k = int(rng.integers(len(self.concepts)))
         loop.unwrap("unet").set_adapter(self._lora_name(k))
@@ -170,7 +171,7 @@ class ANTTrainer(MethodTrainer):
 
     def artifact(self, loop: Loop) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         unet = loop.unwrap("unet")
-        weights = self._refined(loop) if len(self.concepts) > 1 else {
+        weights = self._refined(loop) if self.refining else {
             name: unet.get_submodule(name).weight for name in self.original_weights}
         tensors = {}
         for name, original in self.original_weights.items():

@@ -62,7 +62,11 @@ SYNONYMS = {"circle": ["disk", "round shape"], "striped": ["stripy"],
 # erased at 300 and lost it again by 800.)
 # ANT, the paper's 250 iterations at the toy learning rate 2e-3 (circle, 32 prompts: erase_rate 0.38, preservation
 # -0.15; at 1e-3 with the saliency mask, or at 5e-4 (the paper's), nothing was erased).
-RECIPES = {"spm": {"max_train_steps": 300}, "ant": {"max_train_steps": 250}}
+# Every ANT column takes the multi-concept path (`refine`: a LoRA per concept fused by the closed-form refinement),
+# which all three at once take anyway: with one concept the saliency path either erased little or cost a fifth or
+# more of the other prompts' attributes (benchmarks/ant_tradeoff.py; its bench rows up to 2026-11-27: circle 0.95 /
+# -0.254, red 0.00 / -0.268, striped 0.64 / -0.198).
+RECIPES = {"spm": {"max_train_steps": 300}, "ant": {"max_train_steps": 250, "method_options": {"refine": True}}}
 # Methods whose `all-three` column applies the three single-concept artifacts together instead of one run over the
 # three concepts: SPM's own way of erasing several concepts (one membrane per concept, each gated by the prompt's
 # likeness to its own concept, the membranes summed). Its seconds are the three runs'.
@@ -193,8 +197,10 @@ def run_erasure(method: str, column: str, folder: Path) -> tuple[Path, float]:
     """Erase the column's concepts with `method` and its defaults, as `studio erase` does; (artifact, seconds)."""
     from studio.trainers.base import TrainConfig, train
 
+    recipe = dict(RECIPES.get(method, {}))
+    options = {"concept": erased(column), **recipe.pop("method_options", {})}
     result = train(TrainConfig(method=method, output_dir=str(folder / f"{method}-{column}"), validation_steps=0,
-                               method_options={"concept": erased(column)}, **RECIPES.get(method, {})))
+                               method_options=options, **recipe))
     return result.artifact, result.seconds
 
 
