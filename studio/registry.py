@@ -93,7 +93,7 @@ METHODS: dict[str, Method] = {
                attaches="norms and sampler LoRA"),
         Method("spm", "erase", "rank-1 membranes in the transformer blocks, gated by the prompt (Facilitated Transport)",
                toy_learning_rate=3e-3, trainer_class="studio.trainers.spm:SPMTrainer", attaches="prompt-gated membranes"),
-        Method("ant", "erase", "fine-tuning of the salient weights: guidance kept in early steps, reversed in later ones",
+        Method("ant", "erase", "guidance kept in early steps, reversed in later ones: on the salient weights (one concept), or a LoRA per concept fused into the keys/values (several, or --refine)",
                toy_learning_rate=2e-3, learning_rate=5e-4, trainer_class="studio.trainers.ant:ANTTrainer"),
         Method("rece", "erase", "closed-form erasure in the cross-attention key/value projections (UCE + adversarial rounds)",
                toy_learning_rate=0.0, learning_rate=0.0,  # closed form: nothing is learned step by step
