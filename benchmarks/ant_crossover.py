@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from studio import plugin
+from studio.bench import with_method_options
 from studio.bench.erase import CONCEPTS, RECIPES, concept_prompts, draw
 from studio.cli import print_result
 from studio.eval import load_evaluator, score
@@ -30,10 +31,8 @@ ERASED = ["circle", "red", "striped"]
 
 def crossover(folder: Path, n_prompts: int = 16, seeds: tuple[int, ...] = (0, 1)) -> dict:
     """Per erased concept's prompts: the share of samples showing each erased concept, and what they show."""
-    recipe = dict(RECIPES["ant"])
-    options = {"concept": ERASED, **recipe.pop("method_options", {})}
-    trained = train(TrainConfig(method="ant", output_dir=str(folder / "ant"), validation_steps=0, method_options=options,
-                                **recipe))
+    trained = train(TrainConfig(method="ant", output_dir=str(folder / "ant"), validation_steps=0,
+                                **with_method_options(RECIPES["ant"], {"concept": ERASED})))
     pipe, evaluator = load("toy"), load_evaluator()
     plugin.apply(pipe, trained.artifact)
     result = {}

@@ -53,12 +53,11 @@ def test_preserve_steps_must_leave_steps_to_erase(tmp_path):
 def test_the_bench_recipe_erases_circle_and_keeps_the_rest(tmp_path):
     """A small version of `studio bench erase` for ANT (its recipe: 250 steps, one concept through the multi-concept
     path); about three minutes. The bench: circle erase_rate 0.00, preservation +0.006."""
+    from studio.bench import with_method_options
     from studio.bench.erase import RECIPES, quick_check
 
-    recipe = dict(RECIPES["ant"])
-    options = {"concept": ["circle"], **recipe.pop("method_options")}
-    result = train(TrainConfig(method="ant", output_dir=str(tmp_path), validation_steps=0, method_options=options,
-                               **recipe))
+    result = train(TrainConfig(method="ant", output_dir=str(tmp_path), validation_steps=0,
+                               **with_method_options(RECIPES["ant"], {"concept": ["circle"]})))
     measured = quick_check(result.artifact, ["circle"])
     assert measured["before"]["circle"] >= 0.9
     assert measured["after"]["circle"] <= 0.1

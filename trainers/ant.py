@@ -100,11 +100,12 @@ class ANTTrainer(MethodTrainer):
         pipe, config, device = loop.pipe, loop.method_config, loop.accelerator.device
         toy = loop.config.model == TOY_MODEL
         if self.refining:  # each concept's own prompts, one after the other
-            self.concept_prompts = [[prompt for prompt, _ in erase_prompts(dataclasses.replace(config, concept=[c]), toy)[0]]
-                                    for c in self.concepts]
-            texts = [prompt for prompts in self.concept_prompts for prompt in prompts]
-            bounds = np.cumsum([0] + [len(prompts) for prompts in self.concept_prompts])
+            per_concept = [[prompt for prompt, _ in erase_prompts(dataclasses.replace(config, concept=[c]), toy)[0]]
+                           for c in self.concepts]
+            texts = [prompt for prompts in per_concept for prompt in prompts]
+            bounds = np.cumsum([0] + [len(prompts) for prompts in per_concept])
             self.concept_rows = [range(bounds[k], bounds[k + 1]) for k in range(len(self.concepts))]
+            self.kept_prompts = erase_prompts(config, toy)[1]  # held in place by the refinement
         else:
             texts = [prompt for prompt, _ in erase_prompts(config, toy)[0]]
         self.prompts = Conditioning.encode(pipe, texts, device)
@@ -184,17 +185,16 @@ class ANTTrainer(MethodTrainer):
     @torch.no_grad()
     def _refined(self, loop: Loop) -> dict[str, torch.Tensor]:
         """The multi-concept path's projections: every concept's LoRA fused by the closed-form refinement, from the
-        concept's prompts (every token) and the kept prompts, encoded as RECE encodes them."""
+        concept's prompts (every token, as `prepare` encoded them) and the kept prompts (encoded as RECE encodes them)."""
         from studio.adapters.rece import encode
 
         config, unet = loop.method_config, loop.unwrap("unet")
-        toy = loop.config.model == TOY_MODEL
         cross_dim = next(iter(self.original_weights.values())).shape[1]
         grams = []
-        for prompts in self.concept_prompts:
-            tokens = encode(loop.pipe, prompts).reshape(-1, cross_dim).double()
+        for rows in self.concept_rows:
+            tokens = self.prompts.text[rows.start:rows.stop].reshape(-1, cross_dim).double().cpu()
             grams.append(tokens.T @ tokens)
-        kept = encode(loop.pipe, erase_prompts(config, toy)[1]).reshape(-1, cross_dim)
+        kept = encode(loop.pipe, self.kept_prompts).reshape(-1, cross_dim)
         inverse = self.adapter.refinement_inverse(grams, kept, config.lamb, config.preserve_scale)
         refined = {}
         for name, original in self.original_weights.items():

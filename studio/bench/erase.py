@@ -197,10 +197,10 @@ def run_erasure(method: str, column: str, folder: Path) -> tuple[Path, float]:
     """Erase the column's concepts with `method` and its defaults, as `studio erase` does; (artifact, seconds)."""
     from studio.trainers.base import TrainConfig, train
 
-    recipe = dict(RECIPES.get(method, {}))
-    options = {"concept": erased(column), **recipe.pop("method_options", {})}
+    from studio.bench import with_method_options
+
     result = train(TrainConfig(method=method, output_dir=str(folder / f"{method}-{column}"), validation_steps=0,
-                               method_options=options, **recipe))
+                               **with_method_options(RECIPES.get(method, {}), {"concept": erased(column)})))
     return result.artifact, result.seconds
 
 

@@ -129,10 +129,10 @@ def run(method: str, bits: str, folder: Path, method_options: dict | None = None
     as `studio quantize` does; the run's folder is under `folder`."""
     from studio.trainers.base import TrainConfig, train
 
-    options = {**RECIPES.get(method, {}), **loop}
-    method_options = {"bits": bits, **options.pop("method_options", {}), **(method_options or {})}
-    result = train(TrainConfig(method=method, output_dir=str(folder / f"{method}-{bits}"), validation_steps=0,
-                               method_options=method_options, **options))
+    from studio.bench import with_method_options
+
+    recipe = with_method_options({**RECIPES.get(method, {}), **loop}, {"bits": bits, **(method_options or {})})
+    result = train(TrainConfig(method=method, output_dir=str(folder / f"{method}-{bits}"), validation_steps=0, **recipe))
     return result.artifact, result.seconds
 
 
