@@ -8,6 +8,13 @@
   concepts c of max(cos(E(p), E(c)), |tok(p) ∩ tok(c)| / |tok(c)|), E the UNet's text conditioning (flattened), tok
   the prompt's tokens without the special ones. As in the reference code, both factors are scaled by γ, so the update
   scales by γ²: prompts unrelated to the concept pass nearly untouched. Several SPMs each gate themselves and add.
+  One addition to the reference: a prompt naming the concept by a synonym also opens the membrane fully. The
+  reference's token overlap counts only the concept's own tokens, and the whole-prompt cosine of "a red disk" with
+  "circle" stays near the unrelated prompts' (the toy model: 0.57-0.66 against up to 0.47), so the membrane opened to
+  γ² ≈ 0.4 and half the synonym prompts still drew the concept. Here γ = 1 also when a phrase of the prompt (one to
+  three words) encodes like the concept: the cosine of E(phrase) − E("") and E(c) − E("") is at least
+  `synonym_threshold` (default 0.9; on the toy model "disk" and "round shape" reach 0.97-0.99 with "circle",
+  "stripy" 1.00 with "striped", while the nearest other word, "square", is at 0.70). 1 turns it off.
 - The artifact: per layer `spm_down` (r x in[ x k x k]) and `spm_up` (out x r, with α/r folded in), the concepts in
   the header. `studio convert --to kohya` writes the official key layout (`lora_unet_<path>.lora_down.weight`,
   `.lora_up.weight`, `.alpha`, metadata `prompts`, `rank`, `alpha`), which loads as a plain LoRA (without transport)
@@ -61,6 +68,8 @@ class SPMConfig(EraseOptions):
     denoising_steps: int = ranged(30, 2, 1000)  # DDIM steps of the trajectories the training latents come from
     sampling_guidance: float = ranged(3.0, 0, 100)  # classifier-free guidance along those trajectories
     transport: bool = True  # Facilitated Transport when applied (off: full strength for every prompt)
+    # a prompt phrase encoding like the concept at this cosine or more opens the membrane fully (1: exact words only)
+    synonym_threshold: float = ranged(0.9, 0, 1, low_open=True)
 
 
 CONFIG = SPMConfig
@@ -207,9 +216,10 @@ class SPMAttachment:
     """
 
     def __init__(self, pipe, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], concepts: list[str],
-                 transport: bool, scale: float, name: str) -> None:
+                 transport: bool, scale: float, name: str, synonym_threshold: float = 0.9) -> None:
         self.pipe, self.name, self.method = pipe, name, "spm"
         self.scale, self.enabled, self.transport, self.concepts = scale, True, transport, concepts
+        self.synonym_threshold = synonym_threshold
         self.prompt_gates: torch.Tensor | None = None  # γ² per prompt of the coming call
         self.hooks: list[MembraneHook] = []
         try:
@@ -243,7 +253,7 @@ class SPMAttachment:
         if prompts is None or not self.transport:
             self.prompt_gates = None
         else:
-            self.prompt_gates = transport_gates(self.pipe, prompts, self.concepts) ** 2
+            self.prompt_gates = transport_gates(self.pipe, prompts, self.concepts, self.synonym_threshold) ** 2
         return {}
 
     def batch_gates(self, batch: int, device, dtype) -> torch.Tensor | None:
@@ -258,15 +268,19 @@ class SPMAttachment:
         return (gates.repeat(batch // len(gates)) * self.scale).to(device, dtype)
 
 
+SYNONYM_PHRASE_WORDS = 3  # the longest prompt phrase compared with a concept ("round shape" for "circle")
+
+
 @torch.no_grad()
-def transport_gates(pipe, prompts: list[str], concepts: list[str]) -> torch.Tensor:
+def transport_gates(pipe, prompts: list[str], concepts: list[str], synonym_threshold: float = 0.9) -> torch.Tensor:
     """γ(p) per prompt: the highest, over `concepts`, of the cosine of the flattened text conditionings and the
-    share of the concept's tokens in the prompt (special tokens left out).
+    share of the concept's tokens in the prompt (special tokens left out); 1 where a phrase of the prompt encodes
+    like the concept (`synonym_phrases`).
 
     Example:
         >>> from studio.pipeline import load
-        >>> transport_gates(load("toy"), ["a red circle", "circle"], ["circle"]).tolist()
-        [1.0, 1.0]
+        >>> transport_gates(load("toy"), ["a red circle", "a red disk", "a red square"], ["circle"]).round(decimals=2).tolist()
+        [1.0, 1.0, 0.52]
     """
     def encoded(texts: list[str]) -> torch.Tensor:
         return pipe.encode_prompt(texts, device=pipe.device, num_images_per_prompt=1,
@@ -281,7 +295,41 @@ def transport_gates(pipe, prompts: list[str], concepts: list[str]) -> torch.Tens
     cosine = F.cosine_similarity(encoded(prompts)[:, None], encoded(concepts)[None], dim=-1).clamp(min=0)
     overlap = torch.tensor([[len(tokens(p) & tokens(c)) / max(1, len(tokens(c))) for c in concepts] for p in prompts],
                            device=cosine.device)
-    return torch.maximum(cosine, overlap).max(dim=1).values.clamp(max=1.0).cpu()
+    synonyms = synonym_phrases(encoded, prompts, concepts, synonym_threshold).to(cosine.device)
+    return torch.maximum(torch.maximum(cosine, overlap), synonyms).max(dim=1).values.clamp(max=1.0).cpu()
+
+
+def synonym_phrases(encoded, prompts: list[str], concepts: list[str], threshold: float) -> torch.Tensor:
+    """1 where prompt p has a phrase of one to `SYNONYM_PHRASE_WORDS` words whose text encoding, less the empty
+    prompt's, has a cosine of at least `threshold` with concept c's (so encoded alike: "disk" for "circle"), else 0;
+    a (prompts x concepts) tensor. `encoded` maps texts to flattened text conditionings.
+
+    Example:
+        >>> from studio.pipeline import load
+        >>> pipe = load("toy")
+        >>> encoded = lambda texts: pipe.encode_prompt(texts, "cpu", 1, False)[0].flatten(1)
+        >>> synonym_phrases(encoded, ["a round shape", "a square"], ["circle"], 0.9).tolist()
+        [[1.0], [0.0]]
+    """
+    phrases_of = []
+    for prompt in prompts:
+        words = prompt.replace(",", " ").split()
+        phrases_of.append({" ".join(words[i:i + n]) for n in range(1, SYNONYM_PHRASE_WORDS + 1)
+                           for i in range(len(words) - n + 1)})
+    phrases = sorted(set().union(*phrases_of))
+    index = {phrase: i for i, phrase in enumerate(phrases)}
+    empty = encoded([""])
+
+    def centred(texts: list[str]) -> torch.Tensor:
+        return F.normalize(encoded(texts) - empty, dim=-1)
+
+    similarity = centred(phrases) @ centred(concepts).T if phrases else torch.zeros(0, len(concepts))
+    matched = torch.zeros(len(prompts), len(concepts))
+    for row, own in enumerate(phrases_of):
+        if own:
+            best = similarity[[index[phrase] for phrase in own]].max(dim=0).values
+            matched[row] = (best >= threshold - 1e-6).float()
+    return matched
 
 
 def attach(pipe, tensors: dict[str, torch.Tensor], path: Path, scale: float, name: str) -> SPMAttachment:
@@ -307,4 +355,5 @@ def attach(pipe, tensors: dict[str, torch.Tensor], path: Path, scale: float, nam
                 delta(down, up).shape != layer.weight.shape:
             raise StudioError(f"{path}: layer {layer_name} does not fit this UNet ({type(layer).__name__} "
                               f"{tuple(layer.weight.shape)}); the file was made for another model")
-    return SPMAttachment(pipe, factors, concepts, bool(header.config.get("transport", True)), scale, name)
+    return SPMAttachment(pipe, factors, concepts, bool(header.config.get("transport", True)), scale, name,
+                         float(header.config.get("synonym_threshold", SPMConfig.synonym_threshold)))

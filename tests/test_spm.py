@@ -76,6 +76,19 @@ def test_facilitated_transport_gates_each_prompt_of_a_batch(tmp_path):
     assert torch.allclose(_unet_output(pipe, ["a dog", "a cat"]), full, atol=1e-5)
 
 
+def test_a_synonym_opens_the_membrane_fully_and_other_words_do_not():
+    """On the toy model "disk" / "round shape" encode like "circle", so they gate as the concept's own word does; a
+    neighbouring shape ("square") keeps the reference's partial gate, and threshold 1 counts exact words only."""
+    from studio.pipeline import load
+
+    pipe = load("toy")
+    prompts = ["a blue striped disk", "a blue round shape on a white background", "a blue striped square"]
+    gates = spm.transport_gates(pipe, prompts, ["circle"])
+    assert gates[:2].tolist() == [1.0, 1.0] and gates[2] < 0.6
+    exact = spm.transport_gates(pipe, prompts, ["circle"], synonym_threshold=1.0)
+    assert (exact[:2] < 0.8).all() and exact[2] == gates[2]
+
+
 def test_the_official_layout_loads_as_a_plain_lora_in_stock_diffusers(tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -362,15 +362,17 @@ def native_view(image: Image.Image, native: int = NATIVE) -> tuple[Image.Image, 
     return recentred(scaled.crop(box)), components(mask)
 
 
-def res_adapter(n_refs: int, train_seed: int, steps: int | None, folder: Path) -> dict:
-    """Train the toy ResAdapter in `folder` and score it per size against the base model; see the module docstring."""
+def res_adapter(n_refs: int, train_seed: int, steps: int | None, folder: Path, recipe: dict | None = None,
+                text_seed: int = REFERENCE_SEED + 3) -> dict:
+    """Train the toy ResAdapter in `folder` and score it per size against the base model; see the module docstring.
+    `recipe` replaces `RES_RECIPE` (benchmarks/res_adapter_sweep.py), `text_seed` draws the scored texts."""
     from studio.toy.captions import caption_from_parts
     from studio.trainers.base import TrainConfig, train
 
     evaluator = load_evaluator()
     pipe = load("toy")
     pipe.set_progress_bar_config(disable=True)
-    rng = np.random.default_rng(REFERENCE_SEED + 3)
+    rng = np.random.default_rng(text_seed)
     specs = [random_spec(rng) for _ in range(n_refs)]
     prompts = [caption_from_parts(s.shape, s.color, s.texture, background=s.background) for s in specs]
     expected = [{"shape": s.shape, "color": s.color} for s in specs]
@@ -397,7 +399,7 @@ def res_adapter(n_refs: int, train_seed: int, steps: int | None, folder: Path) -
         result["sizes"][f"{width}x{height}"]["base_denoising_loss"] = heldout_loss(pipe, heldout[(width, height)])
         base_native = seen if (width, height) == (NATIVE, NATIVE) else base_native
     started = time.time()
-    recipe = {**RES_RECIPE, **({"max_train_steps": steps} if steps else {})}
+    recipe = {**(recipe or RES_RECIPE), **({"max_train_steps": steps} if steps else {})}
     trained = train(TrainConfig(method="res-adapter", output_dir=str(folder / "res-adapter"), seed=train_seed,
                                 validation_steps=0, **recipe))
     train_seconds = time.time() - started
@@ -412,7 +414,7 @@ def res_adapter(n_refs: int, train_seed: int, steps: int | None, folder: Path) -
     result.update({
         "worst_size": worst, "worst_single_object_correct": result["sizes"][worst]["single_object_correct"]["value"],
         "goals": {"single_object_correct at every size": ">= 0.85", "native_agreement": ">= 0.95"},
-        "references": n_refs, "recipe": recipe, "train_seed": train_seed, "train_seconds": round(train_seconds, 1),
+        "references": n_refs, "text_seed": text_seed, "recipe": recipe, "train_seed": train_seed, "train_seconds": round(train_seconds, 1),
         "threads": torch.get_num_threads(),
         "params_toy": trained.trainable_params,
         "params_sd15": _sd15_count(res_adapter_parameter_count), "params_paper": "0.5M (SD1.5 release: 0.9M)",
