@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -279,7 +280,7 @@ def transport_gates(pipe, prompts: list[str], concepts: list[str], synonym_thres
 
     Example:
         >>> from studio.pipeline import load
-        >>> transport_gates(load("toy"), ["a red circle", "a red disk", "a red square"], ["circle"]).round(decimals=2).tolist()
+        >>> [round(g, 2) for g in transport_gates(load("toy"), ["a red circle", "a red disk", "a red square"], ["circle"]).tolist()]
         [1.0, 1.0, 0.52]
     """
     def encoded(texts: list[str]) -> torch.Tensor:
@@ -313,7 +314,7 @@ def synonym_phrases(encoded, prompts: list[str], concepts: list[str], threshold:
     """
     phrases_of = []
     for prompt in prompts:
-        words = prompt.replace(",", " ").split()
+        words = re.findall(r"[^\s,.;:!?()\[\]{}\"]+", prompt)  # punctuation and prompt weighting apart
         phrases_of.append({" ".join(words[i:i + n]) for n in range(1, SYNONYM_PHRASE_WORDS + 1)
                            for i in range(len(words) - n + 1)})
     phrases = sorted(set().union(*phrases_of))
