@@ -303,7 +303,8 @@ def transport_gates(pipe, prompts: list[str], concepts: list[str], synonym_thres
 def synonym_phrases(encoded, prompts: list[str], concepts: list[str], threshold: float) -> torch.Tensor:
     """1 where prompt p has a phrase of one to `SYNONYM_PHRASE_WORDS` words whose text encoding, less the empty
     prompt's, has a cosine of at least `threshold` with concept c's (so encoded alike: "disk" for "circle"), else 0;
-    a (prompts x concepts) tensor. `encoded` maps texts to flattened text conditionings.
+    a (prompts x concepts) tensor. `encoded` maps texts to flattened text conditionings; the distinct phrases of
+    all prompts go through it in one batch (a 29-word prompt has 84), each call anew.
 
     Example:
         >>> from studio.pipeline import load
