@@ -14,7 +14,8 @@
   γ² ≈ 0.4 and half the synonym prompts still drew the concept. Here γ = 1 also when a phrase of the prompt (one to
   three words) encodes like the concept: the cosine of E(phrase) − E("") and E(c) − E("") is at least
   `synonym_threshold` (default 0.9; on the toy model "disk" and "round shape" reach 0.97-0.99 with "circle",
-  "stripy" 1.00 with "striped", while the nearest other word, "square", is at 0.70). 1 turns it off.
+  "stripy" 1.00 with "striped", while the nearest other word, "square", is at 0.70); at 1 only phrases that encode
+  exactly as the concept does (its own word) count.
 - The artifact: per layer `spm_down` (r x in[ x k x k]) and `spm_up` (out x r, with α/r folded in), the concepts in
   the header. `studio convert --to kohya` writes the official key layout (`lora_unet_<path>.lora_down.weight`,
   `.lora_up.weight`, `.alpha`, metadata `prompts`, `rank`, `alpha`), which loads as a plain LoRA (without transport)
@@ -69,7 +70,7 @@ class SPMConfig(EraseOptions):
     denoising_steps: int = ranged(30, 2, 1000)  # DDIM steps of the trajectories the training latents come from
     sampling_guidance: float = ranged(3.0, 0, 100)  # classifier-free guidance along those trajectories
     transport: bool = True  # Facilitated Transport when applied (off: full strength for every prompt)
-    # a prompt phrase encoding like the concept at this cosine or more opens the membrane fully (1: exact words only)
+    # a prompt phrase encoding like the concept at this cosine or more opens the membrane fully (1: its own word only)
     synonym_threshold: float = ranged(0.9, 0, 1, low_open=True)
 
 
@@ -326,7 +327,7 @@ def synonym_phrases(encoded, prompts: list[str], concepts: list[str], threshold:
         return F.normalize(encoded(texts) - empty, dim=-1)
 
     similarity = centred(phrases) @ centred(concepts).T if phrases else torch.zeros(0, len(concepts))
-    matched = torch.zeros(len(prompts), len(concepts))
+    matched = torch.zeros(len(prompts), len(concepts), device=similarity.device)
     for row, own in enumerate(phrases_of):
         if own:
             best = similarity[[index[phrase] for phrase in own]].max(dim=0).values
