@@ -10,8 +10,8 @@
   scales by γ²: prompts unrelated to the concept pass nearly untouched. Several SPMs each gate themselves and add.
   One addition to the reference: a prompt naming the concept by a synonym also opens the membrane fully. The
   reference's token overlap counts only the concept's own tokens, and the whole-prompt cosine of "a red disk" with
-  "circle" stays near the unrelated prompts' (the toy model: 0.57-0.66 against up to 0.47), so the membrane opened to
-  γ² ≈ 0.4 and half the synonym prompts still drew the concept. Here γ = 1 also when a phrase of the prompt (one to
+  "circle" stays near the unrelated prompts' (the toy model: 0.57-0.75 against up to 0.45; benchmarks/spm_transport.py),
+  so the membrane opened to γ² ≈ 0.4 and half the synonym prompts still drew the concept. Here γ = 1 also when a phrase of the prompt (one to
   three words) encodes like the concept: the cosine of E(phrase) − E("") and E(c) − E("") is at least
   `synonym_threshold` (default 0.9; on the toy model "disk" and "round shape" reach 0.97-0.99 with "circle",
   "stripy" 1.00 with "striped", while the nearest other word, "square", is at 0.70); at 1 only phrases that encode
