@@ -222,6 +222,7 @@ class SPMAttachment:
         self.pipe, self.name, self.method = pipe, name, "spm"
         self.scale, self.enabled, self.transport, self.concepts = scale, True, transport, concepts
         self.synonym_threshold = synonym_threshold
+        self.phrase_similarity: dict[str, torch.Tensor] = {}  # phrase -> cosine with each concept, kept across calls
         self.prompt_gates: torch.Tensor | None = None  # γ² per prompt of the coming call
         self.hooks: list[MembraneHook] = []
         try:
@@ -255,7 +256,8 @@ class SPMAttachment:
         if prompts is None or not self.transport:
             self.prompt_gates = None
         else:
-            self.prompt_gates = transport_gates(self.pipe, prompts, self.concepts, self.synonym_threshold) ** 2
+            self.prompt_gates = transport_gates(self.pipe, prompts, self.concepts, self.synonym_threshold,
+                                                self.phrase_similarity) ** 2
         return {}
 
     def batch_gates(self, batch: int, device, dtype) -> torch.Tensor | None:
@@ -274,10 +276,11 @@ SYNONYM_PHRASE_WORDS = 3  # the longest prompt phrase compared with a concept ("
 
 
 @torch.no_grad()
-def transport_gates(pipe, prompts: list[str], concepts: list[str], synonym_threshold: float = 0.9) -> torch.Tensor:
+def transport_gates(pipe, prompts: list[str], concepts: list[str], synonym_threshold: float = 0.9,
+                    phrase_similarity: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """γ(p) per prompt: the highest, over `concepts`, of the cosine of the flattened text conditionings and the
     share of the concept's tokens in the prompt (special tokens left out); 1 where a phrase of the prompt encodes
-    like the concept (`synonym_phrases`).
+    like the concept (`synonym_phrases`, with `phrase_similarity` as its memo for these concepts).
 
     Example:
         >>> from studio.pipeline import load
@@ -297,15 +300,18 @@ def transport_gates(pipe, prompts: list[str], concepts: list[str], synonym_thres
     cosine = F.cosine_similarity(encoded(prompts)[:, None], encoded(concepts)[None], dim=-1).clamp(min=0)
     overlap = torch.tensor([[len(tokens(p) & tokens(c)) / max(1, len(tokens(c))) for c in concepts] for p in prompts],
                            device=cosine.device)
-    synonyms = synonym_phrases(encoded, prompts, concepts, synonym_threshold).to(cosine.device)
+    synonyms = synonym_phrases(encoded, prompts, concepts, synonym_threshold, phrase_similarity).to(cosine.device)
     return torch.maximum(torch.maximum(cosine, overlap), synonyms).max(dim=1).values.clamp(max=1.0).cpu()
 
 
-def synonym_phrases(encoded, prompts: list[str], concepts: list[str], threshold: float) -> torch.Tensor:
+def synonym_phrases(encoded, prompts: list[str], concepts: list[str], threshold: float,
+                    memo: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """1 where prompt p has a phrase of one to `SYNONYM_PHRASE_WORDS` words whose text encoding, less the empty
     prompt's, has a cosine of at least `threshold` with concept c's (so encoded alike: "disk" for "circle"), else 0;
     a (prompts x concepts) tensor. `encoded` maps texts to flattened text conditionings; the distinct phrases of
-    all prompts go through it in one batch (a 29-word prompt has 84), each call anew.
+    all prompts go through it in one batch (a 29-word prompt has 84). `memo` (phrase -> its cosines with these
+    `concepts`) keeps them for the next call, so a prompt drawn again costs no encoding (an SPM attachment keeps one:
+    an SD1.5-sized text encoder on a CPU takes seconds for a long prompt's phrases).
 
     Example:
         >>> from studio.pipeline import load
@@ -319,18 +325,19 @@ def synonym_phrases(encoded, prompts: list[str], concepts: list[str], threshold:
         words = re.findall(r"[^\s,.;:!?()\[\]{}\"]+", prompt)  # punctuation and prompt weighting apart
         phrases_of.append({" ".join(words[i:i + n]) for n in range(1, SYNONYM_PHRASE_WORDS + 1)
                            for i in range(len(words) - n + 1)})
-    phrases = sorted(set().union(*phrases_of))
-    index = {phrase: i for i, phrase in enumerate(phrases)}
-    empty = encoded([""])
+    memo = {} if memo is None else memo
+    new = sorted(set().union(*phrases_of) - memo.keys())
+    if new:
+        empty = encoded([""])
 
-    def centred(texts: list[str]) -> torch.Tensor:
-        return F.normalize(encoded(texts) - empty, dim=-1)
+        def centred(texts: list[str]) -> torch.Tensor:
+            return F.normalize(encoded(texts) - empty, dim=-1)
 
-    similarity = centred(phrases) @ centred(concepts).T if phrases else torch.zeros(0, len(concepts))
-    matched = torch.zeros(len(prompts), len(concepts), device=similarity.device)
+        memo.update(zip(new, (centred(new) @ centred(concepts).T).cpu()))
+    matched = torch.zeros(len(prompts), len(concepts))
     for row, own in enumerate(phrases_of):
         if own:
-            best = similarity[[index[phrase] for phrase in own]].max(dim=0).values
+            best = torch.stack([memo[phrase] for phrase in own]).max(dim=0).values
             matched[row] = (best >= threshold - 1e-6).float()
     return matched
 

@@ -89,6 +89,24 @@ def test_a_synonym_opens_the_membrane_fully_and_other_words_do_not():
     assert (exact[:2] < 0.8).all() and exact[2] == gates[2]
 
 
+def test_phrases_seen_before_are_not_encoded_again():
+    from studio.pipeline import load
+
+    pipe, texts = load("toy"), []
+
+    def encoded(batch):
+        texts.extend(batch)
+        return pipe.encode_prompt(batch, "cpu", 1, False)[0].flatten(1)
+
+    memo = {}
+    first = spm.synonym_phrases(encoded, ["a blue disk"], ["circle"], 0.9, memo)
+    assert set(memo) == {"a", "blue", "disk", "a blue", "blue disk", "a blue disk"}
+    encoded_once = len(texts)
+    again = spm.synonym_phrases(encoded, ["a blue disk", "a disk"], ["circle"], 0.9, memo)
+    assert first.tolist() == [[1.0]] and again.tolist() == [[1.0], [1.0]]
+    assert texts[encoded_once:] == ["", "a disk", "circle"]  # only the new phrase (with the two it is measured by)
+
+
 def test_the_official_layout_loads_as_a_plain_lora_in_stock_diffusers(tmp_path):
     from diffusers import StableDiffusionPipeline
 
