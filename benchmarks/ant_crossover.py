@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from personalize_sweep import parse_options
+
 from studio import plugin
 from studio.bench import with_method_options
 from studio.bench.erase import CONCEPTS, RECIPES, concept_prompts, draw
-from personalize_sweep import parse_options
-
 from studio.cli import print_result
 from studio.errors import StudioError
 from studio.eval import load_evaluator, score
