@@ -218,7 +218,7 @@ class SPMAttachment:
     """
 
     def __init__(self, pipe, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], concepts: list[str],
-                 transport: bool, scale: float, name: str, synonym_threshold: float = 0.9) -> None:
+                 transport: bool, scale: float, name: str, synonym_threshold: float = SPMConfig.synonym_threshold) -> None:
         self.pipe, self.name, self.method = pipe, name, "spm"
         self.scale, self.enabled, self.transport, self.concepts = scale, True, transport, concepts
         self.synonym_threshold = synonym_threshold
@@ -276,7 +276,7 @@ SYNONYM_PHRASE_WORDS = 3  # the longest prompt phrase compared with a concept ("
 
 
 @torch.no_grad()
-def transport_gates(pipe, prompts: list[str], concepts: list[str], synonym_threshold: float = 0.9,
+def transport_gates(pipe, prompts: list[str], concepts: list[str], synonym_threshold: float = SPMConfig.synonym_threshold,
                     phrase_similarity: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """γ(p) per prompt: the highest, over `concepts`, of the cosine of the flattened text conditionings and the
     share of the concept's tokens in the prompt (special tokens left out); 1 where a phrase of the prompt encodes

@@ -18,9 +18,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
-from studio.adapters.spm import SPMConfig, transport_gates
+from studio.adapters.spm import SPMConfig, synonym_phrases, transport_gates
 from studio.bench.erase import CONCEPTS, SYNONYMS, VALUES, concept_prompts, other_prompts
 from studio.cli import print_result
 from studio.pipeline import load
@@ -40,10 +39,9 @@ def main() -> None:
     args = parser.parse_args()
     pipe = load("toy")
 
-    def centred(texts: list[str]) -> torch.Tensor:
-        encoded = pipe.encode_prompt(texts + [""], device="cpu", num_images_per_prompt=1,
-                                     do_classifier_free_guidance=False)[0].float().flatten(1)
-        return F.normalize(encoded[:-1] - encoded[-1:], dim=-1)
+    def encoded(texts: list[str]) -> torch.Tensor:
+        return pipe.encode_prompt(texts, device="cpu", num_images_per_prompt=1,
+                                  do_classifier_free_guidance=False)[0].float().flatten(1)
 
     result: dict = {"threshold": SPMConfig.synonym_threshold, "prompts_per_kind": PROMPTS, "concepts": {}}
     for concept in CONCEPTS:
@@ -57,9 +55,10 @@ def main() -> None:
             gates[label] = {kind: summary(transport_gates(pipe, prompts, [concept], threshold))
                             for kind, prompts in kinds.items()}
         words = synonyms + [v for v in VALUES[CONCEPTS[concept]] if v != concept]
-        cosines = (centred(words) @ centred([concept]).T)[:, 0]
+        cosines: dict[str, torch.Tensor] = {}  # the gate's own measure: each phrase's cosine with the concept
+        synonym_phrases(encoded, words, [concept], SPMConfig.synonym_threshold, cosines)
         result["concepts"][concept] = {"gates": gates,
-                                       "cosine_with_concept": {w: round(float(c), 3) for w, c in zip(words, cosines)}}
+                                       "cosine_with_concept": {w: round(float(cosines[w][0]), 3) for w in words}}
     print_result(result, args)
 
 
