@@ -6,11 +6,16 @@ on 64x64 and 56x56 renders only (not the bench's 14 sizes), with the same steps 
 
 - `res-adapter`: ResAdapter's parameters (44,672 on the toy UNet);
 - `lora`: our LoRA method on its default targets (the attention projections), a different part of the UNet;
+- `lora-resnet-convs`: our LoRA method on every ResNet block's two 3x3 convolutions (`conv1`, `conv2`), the
+  spatial layers ResAdapter's release leaves alone, with about as many parameters as ResAdapter;
+- `lora-rank-32-everywhere`: a rank-32 LoRA (the most the narrowest layers take) on every convolution and
+  projection of the UNet's blocks (ResNet convs, samplers, attention, feed-forward), close to fine-tuning them all:
+  whether the toy UNet can learn 2x at all from these renders;
 
 and scores each as the bench does at 64x64 (one object of the right shape and colour, judged on the native-size
 window) and at the native 32x32, beside the base model. One JSON object.
 
-    python benchmarks/res_adapter_ceiling.py --output benchmarks/results/res-adapter-ceiling.json  # ~20 min, 2 CPUs
+    python benchmarks/res_adapter_ceiling.py --output benchmarks/results/res-adapter-ceiling.json  # ~30 min, 2 CPUs
 """
 
 from __future__ import annotations
@@ -35,6 +40,14 @@ from studio.trainers.base import TrainConfig, train
 DATA = "shapesworld:shape=seen,count=600,caption={caption},sizes=64|56"
 STEPS, BATCH, RATE = 1000, 16, 1e-3
 REFERENCES = 64
+VARIANTS = (  # (name, method, its options)
+    ("res-adapter", "res-adapter", {}),
+    ("lora", "lora", {"resolution": 64}),
+    ("lora-resnet-convs", "lora", {"resolution": 64, "method_options": {"target_modules": ["conv1", "conv2"]}}),
+    ("lora-rank-32-everywhere", "lora", {"resolution": 64, "method_options": {
+        "rank": 32, "alpha": 32.0, "target_modules": ["conv1", "conv2", "conv", "to_q", "to_k", "to_v", "to_out.0",
+                                                      "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]}}),
+)
 
 
 def judge(pipe, prompts: list[str], expected: list[dict], size: int, evaluator) -> list[bool]:
@@ -62,16 +75,16 @@ def main() -> None:
                     "references": REFERENCES,
                     "base": {size: _share(judge(pipe, prompts, expected, size, evaluator)) for size in (64, 32)}}
     with tempfile.TemporaryDirectory() as folder:
-        for method, extra in (("res-adapter", {}), ("lora", {"resolution": 64})):
+        for variant, method, extra in VARIANTS:
             started = time.time()
-            trained = train(TrainConfig(method=method, data=DATA, output_dir=f"{folder}/{method}", validation_steps=0,
+            trained = train(TrainConfig(method=method, data=DATA, output_dir=f"{folder}/{variant}", validation_steps=0,
                                         max_train_steps=STEPS, train_batch_size=BATCH, learning_rate=RATE, **extra))
             pipe = load("toy")
             pipe.set_progress_bar_config(disable=True)
             plugin.apply(pipe, trained.artifact)
-            result[method] = {size: _share(judge(pipe, prompts, expected, size, evaluator)) for size in (64, 32)}
-            result[method].update(trainable_params=trained.trainable_params, seconds=round(time.time() - started))
-            print(json.dumps({method: result[method]}), flush=True)
+            result[variant] = {size: _share(judge(pipe, prompts, expected, size, evaluator)) for size in (64, 32)}
+            result[variant].update(trainable_params=trained.trainable_params, seconds=round(time.time() - started))
+            print(json.dumps({variant: result[variant]}), flush=True)
     print_result(result, args)
 
 
