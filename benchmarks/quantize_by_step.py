@@ -16,13 +16,11 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
 from studio import plugin
 from studio.bench import quantize
 from studio.cli import check_counts, print_result
 from studio.errors import StudioError
-from studio.eval import ATTRIBUTES, load_evaluator, score
+from studio.eval import load_evaluator
 from studio.pipeline import load
 
 FIRST_QUANTIZED = (0, 1, 3, 6, 10, 20)
@@ -73,14 +71,9 @@ def main() -> None:
         for k in args.first_quantized:
             pipe = load("toy")
             switched_unet(pipe, artifact, k)
-            images = quantize.draw(pipe, reference.prompts, reference.seeds)
-            read = score(images, evaluator=reference.evaluator).rows
+            measured, read = reference.compare_images(quantize.draw(pipe, reference.prompts, reference.seeds))
             rows.append({
-                "first_quantized": k,
-                "agreement": round(float(np.mean(quantize.agreeing(read, reference.rows))), 4),
-                "psnr": quantize.psnr(images, reference.images),
-                "differing": {a: round(float(np.mean([r[a] != s[a] for r, s in zip(read, reference.rows)])), 4)
-                              for a in ATTRIBUTES},
+                "first_quantized": k, **measured,
                 "size_changes": dict(Counter(f"{s['size']} -> {r['size']}" for r, s in zip(read, reference.rows)
                                              if r["size"] != s["size"])),
             })

@@ -112,16 +112,22 @@ class Reference:
         self.features = features(self.images, evaluator)
 
     def compare(self, pipe) -> dict:
+        """`pipe`'s samples on the reference's prompts and seeds against the reference's: agreement, differing,
+        psnr, fd."""
+        return self.compare_images(draw(pipe, self.prompts, self.seeds))[0]
+
+    def compare_images(self, images: list) -> tuple[dict, list[dict]]:
+        """`compare`'s metrics for `images` (drawn on the reference's prompts and seeds, in its order), and what
+        the evaluator reads in each image (for a script that looks at samples one by one)."""
         from studio.eval import ATTRIBUTES
 
-        images = draw(pipe, self.prompts, self.seeds)
         rows = score(images, evaluator=self.evaluator).rows
         hits = agreeing(rows, self.rows)
         differing = {a: round(float(np.mean([r[a] != s[a] for r, s in zip(rows, self.rows)])), 4) for a in ATTRIBUTES}
         return {"agreement": round(float(np.mean(hits)), 4), "agreement_ci": agreement_ci(hits),
                 "differing": differing,
                 "psnr": psnr(images, self.images),
-                "fd": round(frechet_distance(features(images, self.evaluator), self.features), 3)}
+                "fd": round(frechet_distance(features(images, self.evaluator), self.features), 3)}, rows
 
 
 def run(method: str, bits: str, folder: Path, method_options: dict | None = None, **loop) -> tuple[Path, float]:
